@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# Install the Debian 12 packages qvmd, its tests and its demo need, only if
+# missing (so a prepared machine pays nothing). Run as root.
+set -euo pipefail
+
+PACKAGES=(
+  # runtime
+  python3 python3-venv python3-nftables python3-systemd nftables iproute2
+  dnsmasq-base dbus-daemon polkitd util-linux
+  # tests and demo: real clients and tools
+  iputils-ping busybox isc-dhcp-client bind9-dnsutils curl openssl systemd
+)
+
+missing=()
+for p in "${PACKAGES[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if [ ${#missing[@]} -eq 0 ]; then
+  exit 0
+fi
+echo "installing: ${missing[*]}"
+export DEBIAN_FRONTEND=noninteractive
+apt-get update -q
+apt-get install -y -q --no-install-recommends "${missing[@]}"

@@ -1,0 +1,290 @@
+"""The lab's links, made idempotent: bridge, TAPs, the services veth pair.
+
+Every `ensure_*` function takes a pyroute2 IPRoute (run on the namespace's
+NetlinkWorker thread) and the link as last observed, creates what is absent,
+corrects what differs and does nothing when all is equal, returning a list
+of human-readable changes (empty = nothing touched). That list is what makes
+"reconcile twice = zero changes" testable, and what the log and the heal
+counters report.
+
+Objects are ours by name only: a link with one of our names but of another
+kind (an `eth0` renamed `qvm0`, say) is refused, never deleted.
+"""
+
+from __future__ import annotations
+
+import errno
+import socket
+from dataclasses import dataclass, field
+from ipaddress import IPv4Address, IPv4Interface
+from typing import Any
+
+from pyroute2.netlink.exceptions import NetlinkError
+
+from qvmd import nsutil, tuntap
+from qvmd.errors import Busy, Failed
+from qvmd.model import Lab, derive_mac
+
+IFF_UP = 0x1
+
+
+@dataclass(frozen=True)
+class TapSpec:
+    """What a TAP must look like for its QEMU to attach."""
+
+    name: str
+    uid: int
+    gid: int | None
+    multi_queue: bool = False
+
+
+@dataclass(frozen=True)
+class TunInfo:
+    owner: int | None
+    group: int | None
+    multi_queue: bool
+    persist: bool
+    is_tap: bool
+
+
+@dataclass
+class LinkState:
+    index: int
+    name: str
+    kind: str | None
+    up: bool
+    carrier: bool
+    master: int | None
+    mac: str
+    tun: TunInfo | None = None
+    addresses: list[IPv4Interface] = field(default_factory=list)
+
+
+def _link_state(msg: Any) -> LinkState:
+    info = msg.get_attr("IFLA_LINKINFO")
+    kind = info.get_attr("IFLA_INFO_KIND") if info else None
+    tun = None
+    if kind == "tun":
+        data = info.get_attr("IFLA_INFO_DATA")
+        get = data.get_attr if data else (lambda _k: None)
+        tun = TunInfo(
+            owner=get("IFLA_TUN_OWNER"),
+            group=get("IFLA_TUN_GROUP"),
+            multi_queue=bool(get("IFLA_TUN_MULTI_QUEUE")),
+            persist=bool(get("IFLA_TUN_PERSIST")),
+            is_tap=get("IFLA_TUN_TYPE") == 2,
+        )
+    return LinkState(
+        index=msg["index"],
+        name=msg.get_attr("IFLA_IFNAME"),
+        kind=kind,
+        up=bool(msg["flags"] & IFF_UP),
+        carrier=bool(msg.get_attr("IFLA_CARRIER")),
+        master=msg.get_attr("IFLA_MASTER"),
+        mac=msg.get_attr("IFLA_ADDRESS") or "",
+        tun=tun,
+    )
+
+
+def snapshot(ipr: Any) -> dict[str, LinkState]:
+    """Every link of the namespace with its IPv4 addresses, by name."""
+    links = {s.name: s for s in map(_link_state, ipr.get_links())}
+    by_index = {s.index: s for s in links.values()}
+    for msg in ipr.get_addr(family=socket.AF_INET):
+        state = by_index.get(msg["index"])
+        if state is not None:
+            state.addresses.append(
+                IPv4Interface(f"{msg.get_attr('IFA_ADDRESS')}/{msg['prefixlen']}")
+            )
+    return links
+
+
+def lookup(ipr: Any, name: str) -> LinkState | None:
+    """One link by name (with addresses), or None: cheaper than snapshot()."""
+    try:
+        msgs = ipr.get_links(ifname=name)
+    except NetlinkError as exc:
+        if exc.code == errno.ENODEV:
+            return None
+        raise
+    if not msgs:
+        return None
+    state = _link_state(msgs[0])
+    for msg in ipr.get_addr(family=socket.AF_INET, index=state.index):
+        state.addresses.append(IPv4Interface(f"{msg.get_attr('IFA_ADDRESS')}/{msg['prefixlen']}"))
+    return state
+
+
+def _refuse_foreign(link: LinkState, want: str) -> None:
+    raise Failed(
+        f"interface {link.name} exists but is a {link.kind or 'device of unknown kind'}, "
+        f"not a {want}; qvmd will not touch it"
+    )
+
+
+def ensure_bridge(ipr: Any, lab: Lab, cur: LinkState | None) -> list[str]:
+    changes: list[str] = []
+    # A fixed MAC: a bridge otherwise takes the lowest MAC of its ports and
+    # changes it whenever a TAP comes or goes, making guests' ARP caches stale.
+    mac = derive_mac(lab.gateway.ip)
+    if cur is None:
+        ipr.link("add", ifname=lab.bridge, kind="bridge", address=mac)
+        changes.append(f"created bridge {lab.bridge}")
+        cur = lookup(ipr, lab.bridge)
+        assert cur is not None
+    elif cur.kind != "bridge":
+        _refuse_foreign(cur, "bridge")
+    if cur.mac != mac:
+        ipr.link("set", index=cur.index, address=mac)
+        changes.append(f"set {lab.bridge} MAC {mac}")
+    if lab.gateway not in cur.addresses:
+        ipr.addr(
+            "add", index=cur.index, address=str(lab.gateway.ip), prefixlen=lab.subnet.prefixlen
+        )
+        changes.append(f"added {lab.gateway} to {lab.bridge}")
+    if not cur.up:
+        ipr.link("set", index=cur.index, state="up")
+        changes.append(f"set {lab.bridge} up")
+    return changes
+
+
+def _enslave_up(ipr: Any, cur: LinkState, bridge_index: int, bridge: str) -> list[str]:
+    changes = []
+    if cur.master != bridge_index:
+        ipr.link("set", index=cur.index, master=bridge_index)
+        changes.append(f"attached {cur.name} to {bridge}")
+    if not cur.up:
+        ipr.link("set", index=cur.index, state="up")
+        changes.append(f"set {cur.name} up")
+    return changes
+
+
+def ensure_tap(
+    ipr: Any, bridge: str, bridge_index: int, spec: TapSpec, cur: LinkState | None
+) -> list[str]:
+    changes: list[str] = []
+    if cur is not None and (cur.tun is None or not cur.tun.is_tap):
+        _refuse_foreign(cur, "TAP")
+    if cur is not None and cur.tun is not None:
+        tun = cur.tun
+        # The group can only be dropped, and multi_queue only changed, by
+        # recreating the device; that is only allowed while nobody holds it.
+        needs_recreate = (
+            tun.multi_queue != spec.multi_queue
+            or (tun.group is not None and spec.gid is None)
+            or not tun.persist
+        )
+        if needs_recreate:
+            if cur.carrier:
+                raise Busy(f"TAP {spec.name} is in use; stop its QEMU to change its flags")
+            ipr.link("del", index=cur.index)
+            changes.append(f"removed {spec.name} to recreate it with new flags")
+            cur = None
+        elif tun.owner != spec.uid or (spec.gid is not None and tun.group != spec.gid):
+            try:
+                tuntap.set_tap_owner(spec.name, spec.uid, spec.gid, spec.multi_queue)
+            except BlockingIOError:
+                raise Busy(f"TAP {spec.name} is in use; its owner cannot change now") from None
+            changes.append(f"set {spec.name} owner uid {spec.uid} gid {_gid(spec.gid)}")
+    if cur is None:
+        tuntap.create_tap(spec.name, spec.uid, spec.gid, spec.multi_queue)
+        changes.append(f"created TAP {spec.name} owner uid {spec.uid} gid {_gid(spec.gid)}")
+        cur = lookup(ipr, spec.name)
+        if cur is None:
+            raise Failed(f"TAP {spec.name} vanished right after creation")
+    return changes + _enslave_up(ipr, cur, bridge_index, bridge)
+
+
+def _gid(gid: int | None) -> str:
+    return "-" if gid is None else str(gid)
+
+
+def delete_link(ipr: Any, name: str) -> bool:
+    """Delete a link by name; absence is success. True when it was deleted."""
+    cur = lookup(ipr, name)
+    if cur is None:
+        return False
+    try:
+        ipr.link("del", index=cur.index)
+    except NetlinkError as exc:
+        if exc.code == errno.ENODEV:
+            return False
+        raise
+    return True
+
+
+def ensure_veth_pair(ipr: Any, lab: Lab, cur: LinkState | None, peer_present: bool) -> list[str]:
+    """The bridge-side end of the services veth; the peer lives in the
+    services namespace and is created there directly (never visible here)."""
+    svc = lab.services
+    changes: list[str] = []
+    if cur is not None and cur.kind != "veth":
+        _refuse_foreign(cur, "veth")
+    if cur is not None and not peer_present:
+        # Half a pair (someone moved or renamed the peer): start over.
+        ipr.link("del", index=cur.index)
+        changes.append(f"removed {svc.bridge_port}: its peer {svc.interface} was gone")
+        cur = None
+    if cur is None:
+        ipr.link(
+            "add",
+            ifname=svc.bridge_port,
+            kind="veth",
+            peer={"ifname": svc.interface, "net_ns_fd": nsutil.netns_path(svc.netns)},
+        )
+        changes.append(f"created veth {svc.bridge_port} <-> {svc.netns}/{svc.interface}")
+        cur = lookup(ipr, svc.bridge_port)
+        assert cur is not None
+    bridge = lookup(ipr, lab.bridge)
+    if bridge is None:
+        raise Failed(f"bridge {lab.bridge} vanished during reconcile")
+    return changes + _enslave_up(ipr, cur, bridge.index, lab.bridge)
+
+
+def ensure_services_side(ipr: Any, lab: Lab) -> list[str]:
+    """Inside the services namespace: lo and veth0 up, the services address,
+    and a default route through the gateway so services can reach out."""
+    svc = lab.services
+    changes: list[str] = []
+    lo = lookup(ipr, "lo")
+    if lo is not None and not lo.up:
+        ipr.link("set", index=lo.index, state="up")
+        changes.append(f"set lo up in {svc.netns}")
+    cur = lookup(ipr, svc.interface)
+    if cur is None:
+        return changes  # the pair is (re)made from the bridge side first
+    want = IPv4Interface(f"{svc.address}/{lab.subnet.prefixlen}")
+    if want not in cur.addresses:
+        ipr.addr("add", index=cur.index, address=str(svc.address), prefixlen=lab.subnet.prefixlen)
+        changes.append(f"added {want} to {svc.netns}/{svc.interface}")
+    if not cur.up:
+        ipr.link("set", index=cur.index, state="up")
+        changes.append(f"set {svc.netns}/{svc.interface} up")
+    if default_gateway(ipr) != lab.gateway.ip:
+        ipr.route("replace", dst="0.0.0.0/0", gateway=str(lab.gateway.ip), oif=cur.index)
+        changes.append(f"set default route via {lab.gateway.ip} in {svc.netns}")
+    return changes
+
+
+def default_gateway(ipr: Any) -> IPv4Address | None:
+    for msg in ipr.get_routes(family=socket.AF_INET, table=254):
+        if msg["dst_len"] == 0 and msg.get_attr("RTA_GATEWAY"):
+            return IPv4Address(msg.get_attr("RTA_GATEWAY"))
+    return None
+
+
+def main_routes(ipr: Any) -> list[tuple[Any, str]]:
+    """(destination network, device name) of the main routing table."""
+    from ipaddress import IPv4Network
+
+    names = {s.index: s.name for s in map(_link_state, ipr.get_links())}
+    out = []
+    for msg in ipr.get_routes(family=socket.AF_INET, table=254):
+        dst = msg.get_attr("RTA_DST") or "0.0.0.0"
+        out.append(
+            (
+                IPv4Network(f"{dst}/{msg['dst_len']}", strict=False),
+                names.get(msg.get_attr("RTA_OIF"), ""),
+            )
+        )
+    return out

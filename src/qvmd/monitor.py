@@ -1,0 +1,92 @@
+"""rtnetlink events that wake the reconciler.
+
+A plain netlink socket subscribed to link, IPv4 address and IPv4 route
+groups, read from the event loop (add_reader: no thread, no polling). Events
+about interfaces that are not ours are dropped here; ours only *schedule* a
+reconcile — the reconciler decides what, if anything, differs. That is also
+why qvmd's own changes cannot loop: the pass they trigger finds nothing to do.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import logging
+import socket
+from collections.abc import Callable
+
+from pyroute2.netlink.rtnl.marshal import MarshalRtnl
+
+log = logging.getLogger(__name__)
+
+RTMGRP_LINK = 0x1
+RTMGRP_IPV4_IFADDR = 0x10
+RTMGRP_IPV4_ROUTE = 0x40
+
+
+def open_event_socket() -> socket.socket:
+    """Open in the namespace of the calling thread (that is the one it watches)."""
+    sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC, 0)
+    # A large buffer makes ENOBUFS (lost events) rare during TAP storms; when
+    # it still happens we resync fully, which is always correct.
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
+    sock.bind((0, RTMGRP_LINK | RTMGRP_IPV4_IFADDR | RTMGRP_IPV4_ROUTE))
+    sock.setblocking(False)
+    return sock
+
+
+class NetlinkMonitor:
+    def __init__(
+        self,
+        sock: socket.socket,
+        is_ours: Callable[[str], bool],
+        wake: Callable[[str], None],
+        where: str,
+    ) -> None:
+        self.sock = sock
+        self.is_ours = is_ours
+        self.wake = wake
+        self.where = where
+        self.marshal = MarshalRtnl()
+        self.names: dict[int, str] = {}  # ifindex -> name, learnt from link events
+
+    def start(self) -> None:
+        asyncio.get_running_loop().add_reader(self.sock.fileno(), self._readable)
+
+    def stop(self) -> None:
+        try:
+            asyncio.get_running_loop().remove_reader(self.sock.fileno())
+        finally:
+            self.sock.close()
+
+    def _readable(self) -> None:
+        while True:
+            try:
+                data = self.sock.recv(1 << 20)
+            except BlockingIOError:
+                return
+            except OSError as exc:
+                if exc.errno == errno.ENOBUFS:
+                    self.wake(f"{self.where}: event overflow, full resync")
+                    continue
+                raise
+            reason = self._relevant(data)
+            if reason:
+                self.wake(reason)
+
+    def _relevant(self, data: bytes) -> str | None:
+        reason = None
+        for msg in self.marshal.parse(data):
+            event = msg.get("event", "")
+            if event in ("RTM_NEWLINK", "RTM_DELLINK"):
+                name = msg.get_attr("IFLA_IFNAME") or ""
+                self.names[msg["index"]] = name
+                if self.is_ours(name):
+                    reason = f"{self.where}: {event} {name}"
+            elif event in ("RTM_NEWADDR", "RTM_DELADDR"):
+                name = self.names.get(msg["index"], "")
+                if not name or self.is_ours(name):
+                    reason = f"{self.where}: {event} on {name or msg['index']}"
+            elif event in ("RTM_NEWROUTE", "RTM_DELROUTE") and msg["dst_len"] == 0:
+                reason = f"{self.where}: {event} default"
+        return reason

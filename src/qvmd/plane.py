@@ -1,0 +1,221 @@
+"""The network plane: desired state from the lab model, applied by reconcile.
+
+`reconcile()` compares what the kernel has with what the lab wants and
+repairs the difference — the same code path at start-up (adoption), after a
+netlink event (self-healing) and after a config reload. It is serialised by
+one lock, so events arriving during a reconcile just schedule another pass.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass, replace
+from typing import Any
+
+from qvmd import links, nsutil, sysctl
+from qvmd.errors import Failed
+from qvmd.links import LinkState, TapSpec
+from qvmd.model import Lab
+from qvmd.nlworker import NetlinkWorker
+from qvmd.state import PlaneState, StateStore
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class TapStatus:
+    name: str
+    uid: int | None
+    gid: int | None
+    multi_queue: bool
+    carrier: bool  # true while a process (QEMU) holds the TAP
+    up: bool
+    enslaved: bool
+    guest: str | None
+
+
+class NetworkPlane:
+    def __init__(self, lab: Lab, store: StateStore) -> None:
+        self.lab = lab
+        self.store = store
+        self.state: PlaneState = store.load()
+        self.main = NetlinkWorker(None, "nl-main")
+        self.svc: NetlinkWorker | None = None
+        self.lock = asyncio.Lock()
+
+    # -- desired state -------------------------------------------------
+
+    def desired_taps(self) -> dict[str, TapSpec]:
+        """Guest TAPs from the lab (owner possibly claimed over D-Bus), plus
+        the TAPs callers created; a recorded claim wins over the config."""
+        taps = {
+            g.tap: TapSpec(g.tap, g.owner.uid, g.owner.gid, g.multi_queue) for g in self.lab.guests
+        }
+        for name, spec in self.state.taps.items():
+            base = taps.get(name)
+            # The flags of a guest TAP always come from the config.
+            taps[name] = replace(spec, multi_queue=base.multi_queue) if base else spec
+        return taps
+
+    # -- reconcile -----------------------------------------------------
+
+    async def reconcile(self) -> list[str]:
+        async with self.lock:
+            return await self._reconcile()
+
+    async def _reconcile(self) -> list[str]:
+        lab = self.lab
+        changes: list[str] = []
+        svc = await self._services_worker(changes)
+        peer_present = await svc.run(
+            lambda ipr: links.lookup(ipr, lab.services.interface) is not None
+        )
+        changes += await self.main.run(self._reconcile_main, peer_present, self.desired_taps())
+        changes += await svc.run(links.ensure_services_side, lab)
+        changes += self._ensure_forwarding()
+        for change in changes:
+            log.info("reconcile: %s", change)
+        return changes
+
+    async def _services_worker(self, changes: list[str]) -> NetlinkWorker:
+        name = self.lab.services.netns
+        if nsutil.create(name):
+            changes.append(f"created namespace {name}")
+            # A worker bound to a deleted namespace would keep the dead one alive.
+            self._close_svc()
+        if self.svc is None:
+            self.svc = NetlinkWorker(name, "nl-svc")
+        return self.svc
+
+    def _reconcile_main(self, ipr: Any, peer_present: bool, taps: dict[str, TapSpec]) -> list[str]:
+        lab = self.lab
+        have = links.snapshot(ipr)
+        changes = links.ensure_bridge(ipr, lab, have.get(lab.bridge))
+        bridge = links.lookup(ipr, lab.bridge)
+        if bridge is None:
+            raise Failed(f"bridge {lab.bridge} vanished during reconcile")
+        changes += links.ensure_veth_pair(
+            ipr, lab, have.get(lab.services.bridge_port), peer_present
+        )
+        for spec in taps.values():
+            try:
+                changes += links.ensure_tap(
+                    ipr, lab.bridge, bridge.index, spec, have.get(spec.name)
+                )
+            except Failed as exc:
+                # One bad TAP (a foreign device with our name, one in use with
+                # the wrong flags) must not stop the rest of the lab.
+                log.error("reconcile: %s", exc)
+        return changes
+
+    def _ensure_forwarding(self) -> list[str]:
+        if sysctl.forwarding_enabled():
+            return []
+        sysctl.set_forwarding(True)
+        if not self.state.forwarding_restore:
+            self.state.forwarding_restore = True
+            self.store.save(self.state)
+        return ["enabled IPv4 forwarding"]
+
+    # -- observation ---------------------------------------------------
+
+    async def taps(self) -> list[TapStatus]:
+        have: dict[str, LinkState] = await self.main.run(links.snapshot)
+        bridge = have.get(self.lab.bridge)
+        out = []
+        for name, cur in sorted(have.items()):
+            if cur.tun is None or not self.is_lab_tap_name(name):
+                continue
+            guest = self.lab.guest_by_tap(name)
+            out.append(
+                TapStatus(
+                    name=name,
+                    uid=cur.tun.owner,
+                    gid=cur.tun.group,
+                    multi_queue=cur.tun.multi_queue,
+                    carrier=cur.carrier,
+                    up=cur.up,
+                    enslaved=bridge is not None and cur.master == bridge.index,
+                    guest=guest.name if guest else None,
+                )
+            )
+        return out
+
+    def is_lab_tap_name(self, name: str) -> bool:
+        rest = name[len(self.lab.tap_prefix) :] if name.startswith(self.lab.tap_prefix) else ""
+        return rest.isdigit() and rest.isascii()
+
+    async def snapshot(self) -> dict[str, Any]:
+        """Observed state of everything the lab owns, for status and the demo."""
+        lab = self.lab
+        have = await self.main.run(links.snapshot)
+        bridge = have.get(lab.bridge)
+        svc_side: LinkState | None = None
+        gateway = None
+        if nsutil.exists(lab.services.netns) and self.svc is not None:
+            svc_side = await self.svc.run(links.lookup, lab.services.interface)
+            gateway = await self.svc.run(links.default_gateway)
+        return {
+            "bridge": {
+                "name": lab.bridge,
+                "present": bridge is not None,
+                "up": bool(bridge and bridge.up),
+                "mac": bridge.mac if bridge else "",
+                "addresses": [str(a) for a in bridge.addresses] if bridge else [],
+            },
+            "taps": await self.taps(),
+            "services": {
+                "netns": lab.services.netns,
+                "present": nsutil.exists(lab.services.netns),
+                "interface": lab.services.interface,
+                "addresses": [str(a) for a in svc_side.addresses] if svc_side else [],
+                "up": bool(svc_side and svc_side.up),
+                "gateway": str(gateway) if gateway else "",
+            },
+            "forwarding": sysctl.forwarding_enabled(),
+        }
+
+    # -- teardown ------------------------------------------------------
+
+    async def teardown(self) -> list[str]:
+        """Remove exactly what qvmd owns: lab TAPs, the veth, the bridge, the
+        services namespace; restore forwarding only if we turned it on."""
+        async with self.lock:
+            changes: list[str] = await self.main.run(self._teardown_main)
+            self._close_svc()
+            if nsutil.remove(self.lab.services.netns):
+                changes.append(f"removed namespace {self.lab.services.netns}")
+            if self.state.forwarding_restore:
+                sysctl.set_forwarding(False)
+                changes.append("restored IPv4 forwarding to off")
+            self.state = PlaneState()
+            self.store.save(self.state)
+            for change in changes:
+                log.info("teardown: %s", change)
+            return changes
+
+    def _teardown_main(self, ipr: Any) -> list[str]:
+        lab = self.lab
+        changes = []
+        have = links.snapshot(ipr)
+        for name, cur in sorted(have.items()):
+            if cur.tun is not None and cur.tun.is_tap and self.is_lab_tap_name(name):
+                links.delete_link(ipr, name)
+                changes.append(f"removed TAP {name}")
+        for name, kind in ((lab.services.bridge_port, "veth"), (lab.bridge, "bridge")):
+            link = have.get(name)
+            if link is not None and link.kind == kind and links.delete_link(ipr, name):
+                changes.append(f"removed {kind} {name}")
+        return changes
+
+    # -- lifecycle -----------------------------------------------------
+
+    def _close_svc(self) -> None:
+        if self.svc is not None:
+            self.svc.close()
+            self.svc = None
+
+    def close(self) -> None:
+        self._close_svc()
+        self.main.close()

@@ -1,0 +1,71 @@
+"""What qvmd must remember across restarts, in one JSON file under the state dir.
+
+Only facts that cannot be re-derived from the kernel live here: whether we
+turned IPv4 forwarding on (so teardown restores it only then) and the TAPs
+callers asked for with their owners. Every save is atomic, so kill -9 at any
+point leaves either the old or the new file.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from qvmd.fsutil import atomic_write, ensure_dir
+from qvmd.links import TapSpec
+
+log = logging.getLogger(__name__)
+
+STATE_FILE = "state.json"
+
+
+@dataclass
+class PlaneState:
+    forwarding_restore: bool = False
+    # TAPs created or claimed over D-Bus: name -> spec (owner, flags).
+    taps: dict[str, TapSpec] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "version": 1,
+            "forwarding_restore": self.forwarding_restore,
+            "taps": {name: asdict(spec) for name, spec in sorted(self.taps.items())},
+        }
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> PlaneState:
+        taps = {}
+        for name, spec in dict(data.get("taps", {})).items():
+            taps[name] = TapSpec(
+                name=name,
+                uid=int(spec["uid"]),
+                gid=None if spec.get("gid") is None else int(spec["gid"]),
+                multi_queue=bool(spec.get("multi_queue", False)),
+            )
+        return cls(forwarding_restore=bool(data.get("forwarding_restore", False)), taps=taps)
+
+
+class StateStore:
+    def __init__(self, state_dir: str | Path) -> None:
+        self.dir = Path(state_dir)
+        self.path = self.dir / STATE_FILE
+
+    def load(self) -> PlaneState:
+        try:
+            data = json.loads(self.path.read_text())
+        except FileNotFoundError:
+            return PlaneState()
+        except (OSError, ValueError) as exc:
+            # A corrupt file cannot come from our atomic writes; keep it for
+            # inspection and start from the kernel's truth.
+            log.error("state file %s unreadable (%s); starting with empty state", self.path, exc)
+            self.path.replace(self.path.with_suffix(".corrupt"))
+            return PlaneState()
+        return PlaneState.from_json(data)
+
+    def save(self, state: PlaneState) -> None:
+        ensure_dir(self.dir, 0o755)
+        atomic_write(self.path, json.dumps(state.to_json(), indent=2).encode() + b"\n", 0o644)
