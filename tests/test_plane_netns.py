@@ -83,23 +83,47 @@ def test_bring_up_matches_the_users_tables(qvmd: Qvmd) -> None:
     assert "qvm0tap1" in links(qvmd.netns)
 
 
-def test_second_reconcile_changes_nothing(qvmd: Qvmd) -> None:
+def wait_quiet(path: Path, quiet: float = 1.5, limit: float = 10) -> int:
+    """Wait until a growing log file stops growing; return its size.
+
+    The kernel reports carrier and bridge-port changes through linkwatch up
+    to a second late, so events of a previous run can still be arriving.
+    """
+    import time
+
+    deadline = time.monotonic() + limit
+    size, since = path.stat().st_size, time.monotonic()
+    while time.monotonic() < deadline:
+        time.sleep(0.1)
+        now = path.stat().st_size
+        if now != size:
+            size, since = now, time.monotonic()
+        elif time.monotonic() - since >= quiet:
+            return size
+    raise AssertionError(f"kernel events never settled:\n{path.read_text()}")
+
+
+def test_second_reconcile_changes_nothing(qvmd: Qvmd, tmp_path: Path) -> None:
     qvmd.start()
     qvmd.wait_ready()
     qvmd.stop()
-    monitor = subprocess.Popen(
-        ["ip", "netns", "exec", qvmd.netns, "ip", "monitor", "link", "address", "route"],
-        stdout=subprocess.PIPE,
-        text=True,
-    )
+    log = tmp_path / "monitor.log"
+    with open(log, "w") as sink:
+        monitor = subprocess.Popen(
+            ["ip", "netns", "exec", qvmd.netns, "ip", "monitor", "link", "address", "route"],
+            stdout=sink,
+        )
     try:
+        offset = wait_quiet(log)
         qvmd.start()
         qvmd.wait_ready()
         out = qvmd.stop()
+        wait_quiet(log)
     finally:
         monitor.terminate()
-        events, _ = monitor.communicate(timeout=5)
+        monitor.wait(timeout=5)
     assert "lab qvm0 up (0 change(s)" in out, out
+    events = log.read_text()[offset:]
     assert events.strip() == "", f"a second start changed the kernel:\n{events}"
 
 
