@@ -134,6 +134,7 @@ def main() -> int:
             str(Path(tmp) / "state"),
             "--config",
             "/dev/null",
+            "--no-bus",
         ]
         log_path = Path(tmp) / "qvmd.log"
         with open(log_path, "wb") as log:

@@ -2,9 +2,11 @@
 
 Start-up order: parse flags → read and validate the config (a bad one exits
 78 before anything changes) → enter the sandbox namespace if asked → check
-the subnet against the host's routes → reconcile (adopting what exists) →
-READY=1 → serve events until SIGTERM/SIGINT → stop within a bounded time.
-A plain stop leaves the lab up (guests keep running); `--teardown` removes it.
+the subnet against the host's routes → connect to the system bus and take
+the name org.qvm.Net (another qvmd running = exit 1 before touching
+anything) → reconcile (adopting what exists) → READY=1 → serve until
+SIGTERM/SIGINT → stop within a bounded time. A plain stop leaves the lab up
+(guests keep running); `--teardown` removes it. SIGHUP reloads the config.
 """
 
 from __future__ import annotations
@@ -17,16 +19,13 @@ import signal
 import sys
 from dataclasses import dataclass
 
-from qvmd import monitor, nsutil
-from qvmd.config import check_subnet_free, load_config, validate_netns_name
+from qvmd import nsutil
+from qvmd.config import load_config, validate_netns_name
+from qvmd.core import Core
 from qvmd.errors import ConfigError, InvalidArgument, QvmError
-from qvmd.healer import Healer
-from qvmd.links import main_routes
 from qvmd.logsetup import setup_logging
 from qvmd.model import DEFAULT_CONFIG_PATH, DEFAULT_STATE_DIR, Lab
-from qvmd.plane import NetworkPlane
 from qvmd.sdnotify import Notifier
-from qvmd.state import StateStore
 
 log = logging.getLogger("qvmd")
 
@@ -42,6 +41,7 @@ class Options:
     teardown: bool
     check_config: bool
     log_level: str
+    bus: str | None  # None: no D-Bus API at all (debugging, plane-only tests)
 
 
 def parse_args(argv: list[str] | None = None) -> Options:
@@ -57,67 +57,86 @@ def parse_args(argv: list[str] | None = None) -> Options:
     p.add_argument("--teardown", action="store_true", help="remove everything qvmd made, then exit")
     p.add_argument("--check-config", action="store_true", help="validate the config and exit")
     p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    p.add_argument(
+        "--bus",
+        metavar="ADDRESS",
+        help="D-Bus address to serve on (default $DBUS_SYSTEM_BUS_ADDRESS, else the system bus)",
+    )
+    p.add_argument("--no-bus", action="store_true", help="run without the D-Bus API")
     a = p.parse_args(argv)
     if a.netns is not None:
         try:
             validate_netns_name(a.netns, "--netns")
         except InvalidArgument as exc:
             p.error(str(exc))
-    return Options(a.config, a.state_dir, a.netns, a.teardown, a.check_config, a.log_level)
+    if a.no_bus and a.bus:
+        p.error("--bus and --no-bus exclude each other")
+    bus = None
+    if not a.no_bus:
+        bus = (
+            a.bus
+            or os.environ.get("DBUS_SYSTEM_BUS_ADDRESS")
+            or ("unix:path=/run/dbus/system_bus_socket")
+        )
+    return Options(a.config, a.state_dir, a.netns, a.teardown, a.check_config, a.log_level, bus)
 
 
 class Daemon:
     def __init__(self, opts: Options, lab: Lab, notifier: Notifier) -> None:
         self.opts = opts
-        self.lab = lab
         self.notifier = notifier
-        self.plane = NetworkPlane(lab, StateStore(opts.state_dir))
-        self.healer = Healer(self.plane.reconcile)
-        self.monitors: list[monitor.NetlinkMonitor] = []
+        self.core = Core(lab, opts.state_dir, opts.config, DEFAULT_CONFIG_PATH, opts.netns)
         self.stopping = asyncio.Event()
-
-    def is_ours(self, name: str) -> bool:
-        lab = self.lab
-        return name in (lab.bridge, lab.services.bridge_port, lab.services.interface) or (
-            self.plane.is_lab_tap_name(name)
-        )
-
-    async def start(self) -> None:
-        self.notifier.notify(STATUS="bringing the lab up")
-        changes = await self.plane.reconcile()
-        log.info("lab %s up (%d change(s), adopted the rest)", self.lab.bridge, len(changes))
-        self._start_monitors()
-        self.healer.start()
-        self.notifier.notify(READY="1", STATUS=f"lab {self.lab.bridge} up")
-
-    def _start_monitors(self) -> None:
-        main = monitor.NetlinkMonitor(
-            monitor.open_event_socket(), self.is_ours, self.healer.wake, "host"
-        )
-        main.start()
-        self.monitors.append(main)
-        if self.plane.svc is not None:
-            sock = self.plane.svc.run_sync(lambda _ipr: monitor.open_event_socket())
-            svc = monitor.NetlinkMonitor(
-                sock, self.is_ours, self.healer.wake, self.lab.services.netns
-            )
-            svc.start()
-            self.monitors.append(svc)
+        self.exit_code = 0
+        self.bus_api: object | None = None
 
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.stopping.set)
-        await self.start()
+        loop.add_signal_handler(signal.SIGHUP, lambda: asyncio.ensure_future(self._reload()))
+        bus_task = None
+        if self.opts.bus is not None:
+            from qvmd.bus.server import BusServer  # the bus stack only when used
+
+            server = BusServer(self.core, self.opts.bus)
+            await server.start()
+            self.bus_api = server
+            bus_task = asyncio.create_task(self._watch_bus(server))
+        self.notifier.notify(STATUS="bringing the lab up")
+        changes = await self.core.start()
+        log.info("lab %s up (%d change(s), adopted the rest)", self.core.lab.bridge, len(changes))
+        self.notifier.notify(READY="1", STATUS=f"lab {self.core.lab.bridge} up")
         watchdog = None
         if self.notifier.watchdog_interval:
             watchdog = asyncio.create_task(self._watchdog(self.notifier.watchdog_interval))
         await self.stopping.wait()
         log.info("stopping (the lab stays up; use --teardown to remove it)")
         self.notifier.notify(STOPPING="1", STATUS="stopping")
-        if watchdog is not None:
-            watchdog.cancel()
-        await asyncio.wait_for(self.stop(), STOP_TIMEOUT)
+        for task in (watchdog, bus_task):
+            if task is not None:
+                task.cancel()
+        await asyncio.wait_for(self._stop(), STOP_TIMEOUT)
+
+    async def _watch_bus(self, server: object) -> None:
+        from qvmd.bus.server import BusServer
+
+        assert isinstance(server, BusServer)
+        await server.bus.wait_for_disconnect()  # type: ignore[no-untyped-call]
+        if not self.stopping.is_set():
+            # Without the bus nobody can reach us: exit non-zero so systemd
+            # restarts the service with a fresh connection.
+            log.error("lost the D-Bus connection; exiting so the service can be restarted")
+            self.exit_code = 1
+            self.stopping.set()
+
+    async def _reload(self) -> None:
+        try:
+            changes = await self.core.reload()
+        except QvmError as exc:
+            log.error("reload refused, keeping the running config: %s", exc)
+            return
+        log.info("reloaded the config (%d change(s))", len(changes))
 
     async def _watchdog(self, interval: float) -> None:
         # Pinging from the event loop proves the loop itself is alive.
@@ -125,30 +144,30 @@ class Daemon:
             self.notifier.notify(WATCHDOG="1")
             await asyncio.sleep(interval)
 
-    async def stop(self) -> None:
-        await self.healer.stop()
-        for m in self.monitors:
-            m.stop()
-        self.monitors.clear()
+    async def _stop(self) -> None:
+        await self.core.stop()
+        if self.bus_api is not None:
+            from qvmd.bus.server import BusServer
+
+            assert isinstance(self.bus_api, BusServer)
+            await self.bus_api.stop()
 
 
 async def _amain(opts: Options, lab: Lab, owns_sandbox: bool) -> int:
-    notifier = Notifier()
-    daemon = Daemon(opts, lab, notifier)
+    daemon = Daemon(opts, lab, Notifier())
     try:
-        routes = await daemon.plane.main.run(main_routes)
-        check_subnet_free(lab, routes)
+        await daemon.core.check_host()
         if opts.teardown:
-            for change in await daemon.plane.teardown():
+            for change in await daemon.core.plane.teardown():
                 print(change)
             return 0
         await daemon.run()
         if owns_sandbox:
             # The sandbox goes away with us; its services namespace must too.
-            await daemon.plane.teardown()
-        return 0
+            await daemon.core.plane.teardown()
+        return daemon.exit_code
     finally:
-        daemon.plane.close()
+        daemon.core.close()
 
 
 def main(argv: list[str] | None = None) -> int:

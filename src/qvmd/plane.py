@@ -182,18 +182,56 @@ class NetworkPlane:
         """Remove exactly what qvmd owns: lab TAPs, the veth, the bridge, the
         services namespace; restore forwarding only if we turned it on."""
         async with self.lock:
-            changes: list[str] = await self.main.run(self._teardown_main)
-            self._close_svc()
-            if nsutil.remove(self.lab.services.netns):
-                changes.append(f"removed namespace {self.lab.services.netns}")
-            if self.state.forwarding_restore:
-                sysctl.set_forwarding(False)
-                changes.append("restored IPv4 forwarding to off")
-            self.state = PlaneState()
-            self.store.save(self.state)
-            for change in changes:
-                log.info("teardown: %s", change)
+            return await self._teardown()
+
+    async def _teardown(self) -> list[str]:
+        changes: list[str] = await self.main.run(self._teardown_main)
+        self._close_svc()
+        if nsutil.remove(self.lab.services.netns):
+            changes.append(f"removed namespace {self.lab.services.netns}")
+        if self.state.forwarding_restore:
+            sysctl.set_forwarding(False)
+            changes.append("restored IPv4 forwarding to off")
+        self.state = PlaneState()
+        self.store.save(self.state)
+        for change in changes:
+            log.info("teardown: %s", change)
+        return changes
+
+    async def replace_lab(self, new: Lab, reconcile: bool) -> list[str]:
+        """Switch to a new (validated) lab model.
+
+        A different bridge, subnet, services end or TAP prefix rebuilds the
+        lab from scratch (the old objects would otherwise linger under old
+        names). A change of guests only removes the TAPs of guests that are
+        gone — unless a process holds one or a caller claimed it.
+        """
+        async with self.lock:
+            old = self.lab
+            changes: list[str] = []
+            if (old.bridge, old.gateway, old.services, old.tap_prefix) != (
+                new.bridge,
+                new.gateway,
+                new.services,
+                new.tap_prefix,
+            ):
+                changes += await self._teardown()
+            else:
+                kept = {g.tap for g in new.guests} | set(self.state.taps)
+                for gone in sorted({g.tap for g in old.guests} - kept):
+                    if await self.main.run(self._delete_idle_tap, gone):
+                        changes.append(f"removed TAP {gone} of a guest no longer configured")
+            self.lab = new
+            if reconcile:
+                changes += await self._reconcile()
             return changes
+
+    @staticmethod
+    def _delete_idle_tap(ipr: Any, name: str) -> bool:
+        cur = links.lookup(ipr, name)
+        if cur is None or cur.tun is None or cur.carrier:
+            return False
+        return links.delete_link(ipr, name)
 
     def _teardown_main(self, ipr: Any) -> list[str]:
         lab = self.lab

@@ -7,6 +7,7 @@ their own.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 
@@ -32,5 +33,10 @@ class Notifier:
         if addr.startswith("@"):
             addr = "\0" + addr[1:]  # abstract namespace socket
         msg = "\n".join(f"{k}={v}" for k, v in fields.items()).encode()
-        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
-            sock.sendto(msg, addr)
+        # Never block the event loop on a notification: a receiver that does
+        # not read (a full queue) loses a datagram, not our loop.
+        with (
+            socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock,
+            contextlib.suppress(BlockingIOError, ConnectionRefusedError, FileNotFoundError),
+        ):
+            sock.sendto(msg, socket.MSG_DONTWAIT, addr)

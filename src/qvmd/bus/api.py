@@ -1,0 +1,126 @@
+"""The org.qvm.Net interface: a table of methods bound to the core.
+
+Thin by design: unpack and validate argument *shapes*, call the core, pack
+the result. Names, ownership and every other rule live in the core.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from qvmd import __version__
+from qvmd.bus.service import PUBLIC, CallContext, Interface, Method, Property, Signal
+from qvmd.bus.variants import read_options, to_vardict
+from qvmd.core import Core
+from qvmd.errors import InvalidArgument
+from qvmd.model import Lab
+from qvmd.plane import TapStatus
+from qvmd.taps import Caller
+
+BUS_NAME = "org.qvm.Net"
+OBJECT_PATH = "/org/qvm/Net"
+INTERFACE = "org.qvm.Net"
+
+MANAGE_TAPS = "org.qvm.Net.manage-taps"
+MANAGE_LAB = "org.qvm.Net.manage-lab"
+ADMIN_ACTION = MANAGE_LAB
+
+UINT32_MAX = 2**32 - 1
+
+
+def tap_dict(t: TapStatus) -> dict[str, Any]:
+    return {
+        "name": t.name,
+        "uid": -1 if t.uid is None else t.uid,
+        "gid": -1 if t.gid is None else t.gid,
+        "multi_queue": t.multi_queue,
+        "in_use": t.carrier,
+        "up": t.up,
+        "on_bridge": t.enslaved,
+        "guest": t.guest or "",
+    }
+
+
+def build_interface(core: Core) -> Interface:
+    async def caller(ctx: CallContext) -> Caller:
+        return Caller(ctx.uid, await ctx.is_admin())
+
+    async def create_tap(ctx: CallContext, name: str, options: dict[str, Any]) -> dict[str, Any]:
+        opts = read_options(options, {"multi_queue": ("b",), "owner": ("u",), "group": ("u",)})
+        for key in ("owner", "group"):
+            if key in opts and opts[key] >= UINT32_MAX:
+                raise InvalidArgument(f"option {key!r}: {opts[key]} is not a valid id")
+        result = await core.create_tap(
+            await caller(ctx),
+            name,
+            multi_queue=opts.get("multi_queue"),
+            owner_uid=opts.get("owner"),
+            owner_gid=opts.get("group"),
+        )
+        spec = result.spec
+        return to_vardict(
+            {
+                "name": spec.name,
+                "uid": spec.uid,
+                "gid": -1 if spec.gid is None else spec.gid,
+                "multi_queue": spec.multi_queue,
+                "created": result.created,
+                "guest": result.guest or "",
+                "qemu_netdev": f"tap,id=net0,ifname={spec.name},script=no,downscript=no"
+                + (",queues=2" if spec.multi_queue else ""),
+            }
+        )
+
+    async def delete_tap(ctx: CallContext, name: str) -> None:
+        await core.delete_tap(await caller(ctx), name)
+
+    async def list_taps(ctx: CallContext) -> list[dict[str, Any]]:
+        return [to_vardict(tap_dict(t)) for t in await core.list_taps()]
+
+    async def status(ctx: CallContext) -> dict[str, Any]:
+        snap = await core.status()
+        snap["taps"] = [tap_dict(t) for t in snap["taps"]]
+        return to_vardict(snap)
+
+    async def up(ctx: CallContext) -> list[str]:
+        return await core.up()
+
+    async def down(ctx: CallContext) -> list[str]:
+        return await core.down()
+
+    async def reload(ctx: CallContext) -> list[str]:
+        return await core.reload()
+
+    def lab() -> Lab:  # properties follow reloads
+        return core.lab
+
+    return Interface(
+        name=INTERFACE,
+        methods=[
+            Method(
+                "CreateTap",
+                (("name", "s"), ("options", "a{sv}")),
+                (("tap", "a{sv}"),),
+                MANAGE_TAPS,
+                create_tap,
+            ),
+            Method("DeleteTap", (("name", "s"),), (), MANAGE_TAPS, delete_tap),
+            Method("ListTaps", (), (("taps", "aa{sv}"),), PUBLIC, list_taps),
+            Method("Status", (), (("status", "a{sv}"),), PUBLIC, status),
+            Method("Up", (), (("changes", "as"),), MANAGE_LAB, up),
+            Method("Down", (), (("changes", "as"),), MANAGE_LAB, down),
+            Method("Reload", (), (("changes", "as"),), MANAGE_LAB, reload),
+        ],
+        signals=[
+            Signal("TapAdded", (("name", "s"), ("uid", "u"))),
+            Signal("TapRemoved", (("name", "s"),)),
+            Signal("Healed", (("what", "s"), ("detail", "s"))),
+        ],
+        properties=[
+            Property("Version", "s", lambda: __version__),
+            Property("Bridge", "s", lambda: lab().bridge),
+            Property("Gateway", "s", lambda: str(lab().gateway)),
+            Property("Domain", "s", lambda: lab().domain),
+            Property("LabUp", "b", lambda: core.lab_up),
+        ],
+    )

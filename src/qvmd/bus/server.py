@@ -1,0 +1,55 @@
+"""Connects the core to the system bus: name, dispatch, signals."""
+
+from __future__ import annotations
+
+import logging
+
+from dbus_fast import BusType, RequestNameReply
+from dbus_fast.aio import MessageBus
+from dbus_fast.constants import NameFlag
+
+from qvmd.bus.api import ADMIN_ACTION, BUS_NAME, OBJECT_PATH, build_interface
+from qvmd.bus.polkit import Authority
+from qvmd.bus.service import BusService, install_backpressure
+from qvmd.core import Core
+from qvmd.errors import Failed
+
+log = logging.getLogger(__name__)
+
+
+class BusServer:
+    def __init__(self, core: Core, address: str) -> None:
+        self.core = core
+        self.address = address
+        self.bus = MessageBus(bus_address=address, bus_type=BusType.SYSTEM)
+        self.service: BusService | None = None
+
+    async def start(self) -> None:
+        try:
+            await self.bus.connect()
+        except Exception as exc:
+            raise Failed(f"cannot connect to the system bus at {self.address}: {exc}") from None
+        install_backpressure(self.bus)
+        self.service = BusService(
+            self.bus, OBJECT_PATH, build_interface(self.core), Authority(self.bus), ADMIN_ACTION
+        )
+        self.service.export()
+        reply = await self.bus.request_name(BUS_NAME, NameFlag.DO_NOT_QUEUE)
+        if reply not in (RequestNameReply.PRIMARY_OWNER, RequestNameReply.ALREADY_OWNER):
+            self.bus.disconnect()
+            raise Failed(f"cannot own {BUS_NAME} ({reply.name}): is another qvmd running?")
+        svc = self.service
+        listeners = self.core.listeners
+        listeners.tap_added.append(lambda name, uid: svc.emit("TapAdded", name, uid))
+        listeners.tap_removed.append(lambda name: svc.emit("TapRemoved", name))
+        listeners.healed.append(lambda what, detail: svc.emit("Healed", what, detail))
+        listeners.lab_changed.append(
+            lambda: svc.properties_changed("Bridge", "Gateway", "Domain", "LabUp")
+        )
+        log.info("serving %s on %s", BUS_NAME, self.address)
+
+    async def stop(self) -> None:
+        if self.service is not None:
+            for task in list(self.service.tasks):
+                task.cancel()
+        self.bus.disconnect()
