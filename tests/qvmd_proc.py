@@ -24,8 +24,11 @@ QVMD = [sys.executable, "-m", "qvmd.daemon"]
 
 
 class Qvmd:
-    def __init__(self, netns: str, state_dir: Path, config: Path | None = None) -> None:
+    def __init__(
+        self, netns: str, state_dir: Path, config: Path | None = None, bus: str | None = None
+    ) -> None:
         self.netns = netns
+        self.bus = bus  # None: run without the D-Bus API
         self.services_netns = f"{netns}-svc"
         self.state_dir = state_dir
         self.config = config
@@ -34,21 +37,25 @@ class Qvmd:
         self.notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         self.notify.bind(str(self.notify_path))
         self.messages: list[dict[str, str]] = []
+        self.log_path = self.notify_path.parent / "qvmd.log"
+        self.log_offset = 0
 
     def args(self, *extra: str) -> list[str]:
         args = [*QVMD, "--netns", self.netns, "--state-dir", str(self.state_dir)]
         args += ["--config", str(self.config)] if self.config else ["--config", "/dev/null"]
+        args += ["--bus", self.bus] if self.bus else ["--no-bus"]
         return args + list(extra)
 
     def start(self, *extra: str, env: dict[str, str] | None = None) -> None:
-        full_env = dict(os.environ, NOTIFY_SOCKET=str(self.notify_path), **(env or {}))
-        self.proc = subprocess.Popen(
-            self.args(*extra),
-            env=full_env,
-            text=True,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-        )
+        full_env = dict(env if env is not None else os.environ)
+        full_env["NOTIFY_SOCKET"] = str(self.notify_path)
+        # A file, not a pipe: nobody drains a pipe while the daemon runs, and
+        # a full pipe would block its logging (and so the daemon).
+        self.log_offset = self.log_path.stat().st_size if self.log_path.exists() else 0
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen(
+                self.args(*extra), env=full_env, stdout=log, stderr=subprocess.STDOUT
+            )
 
     def wait_for(self, key: str, value: str | None = None, timeout: float = 15) -> dict[str, str]:
         deadline = time.monotonic() + timeout
@@ -58,7 +65,7 @@ class Qvmd:
                     return msg
             assert self.proc is not None
             if self.proc.poll() is not None:
-                out = self.proc.stdout.read() if self.proc.stdout else ""
+                out = self.output()
                 raise AssertionError(f"qvmd exited {self.proc.returncode} before {key}:\n{out}")
             self.notify.settimeout(0.1)
             try:
@@ -73,6 +80,14 @@ class Qvmd:
     def wait_ready(self, timeout: float = 15) -> None:
         self.wait_for("READY", "1", timeout)
 
+    def output(self) -> str:
+        """What the current (or last) run of the daemon logged."""
+        if not self.log_path.exists():
+            return ""
+        with open(self.log_path, "rb") as f:
+            f.seek(self.log_offset)
+            return f.read().decode(errors="replace")
+
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 15) -> str:
         """Stop the daemon; return its output."""
         if self.proc is None:
@@ -80,14 +95,14 @@ class Qvmd:
         if self.proc.poll() is None:
             self.proc.send_signal(sig)
         try:
-            out, _ = self.proc.communicate(timeout=timeout)
+            self.proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
             self.proc.kill()
-            out, _ = self.proc.communicate()
+            self.proc.wait()
         self.last_returncode = self.proc.returncode
         self.proc = None
         self.messages.clear()
-        return out or ""
+        return self.output()
 
     def teardown(self) -> subprocess.CompletedProcess[str]:
         return run([*self.args("--teardown")], check=False, timeout=30)
@@ -96,11 +111,14 @@ class Qvmd:
         self.stop(signal.SIGKILL)
         self.notify.close()
         self.notify_path.unlink(missing_ok=True)
+        self.log_path.unlink(missing_ok=True)
         self.notify_path.parent.rmdir()
 
 
 @contextmanager
-def qvmd_sandbox(tmp_path: Path, config_text: str | None = None) -> Iterator[Qvmd]:
+def qvmd_sandbox(
+    tmp_path: Path, config_text: str | None = None, bus: str | None = None
+) -> Iterator[Qvmd]:
     """A namespace made by the test (so qvmd keeps it across its restarts)."""
     ns = unique_name("d")
     run(["ip", "netns", "add", ns])
@@ -108,7 +126,7 @@ def qvmd_sandbox(tmp_path: Path, config_text: str | None = None) -> Iterator[Qvm
     if config_text is not None:
         config = tmp_path / "qvmd.toml"
         config.write_text(config_text)
-    q = Qvmd(ns, tmp_path / "state", config)
+    q = Qvmd(ns, tmp_path / "state", config, bus)
     try:
         yield q
     finally:
