@@ -9,6 +9,7 @@ PACKAGES=(
   dnsmasq-base dbus-daemon polkitd util-linux
   # tests and demo: real clients and tools
   iputils-ping busybox isc-dhcp-client bind9-dnsutils curl openssl systemd
+  firewalld passwd
 )
 
 missing=()

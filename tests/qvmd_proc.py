@@ -8,6 +8,7 @@ services namespace even when the test failed.
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -115,6 +116,14 @@ class Qvmd:
         self.notify_path.parent.rmdir()
 
 
+def state_dir() -> Path:
+    """A fresh state dir whose parents others may traverse: dnsmasq reads
+    its files after dropping root (pytest's tmp_path is 0700)."""
+    parent = Path(tempfile.mkdtemp(prefix="qvt-state-"))
+    parent.chmod(0o711)
+    return parent / "state"
+
+
 @contextmanager
 def qvmd_sandbox(
     tmp_path: Path, config_text: str | None = None, bus: str | None = None
@@ -126,10 +135,11 @@ def qvmd_sandbox(
     if config_text is not None:
         config = tmp_path / "qvmd.toml"
         config.write_text(config_text)
-    q = Qvmd(ns, tmp_path / "state", config, bus)
+    q = Qvmd(ns, state_dir(), config, bus)
     try:
         yield q
     finally:
+        shutil.rmtree(q.state_dir.parent, ignore_errors=True)
         q.close()
         delete_netns(q.services_netns)
         delete_netns(ns)

@@ -7,8 +7,11 @@ qvm, one not) calling through busctl and qvmctl, exactly as in a toolbox.
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -262,10 +265,8 @@ def test_bad_tap_names_are_refused_and_nothing_changes(lab: Qvmd, system_bus: st
             name,
             "0",
         )
-        assert (
-            (out.returncode != 0
-            and "InvalidArgument" in out.stderr + out.stdout)
-            or ("not of the form" in out.stderr or "TAP name" in out.stderr)
+        assert (out.returncode != 0 and "InvalidArgument" in out.stderr + out.stdout) or (
+            "not of the form" in out.stderr or "TAP name" in out.stderr
         ), (name, out.stderr)
     wrong_opts = [
         ["sa{sv}", "qvm0tap50", "1", "multi_queue", "s", "yes"],
@@ -311,3 +312,150 @@ def test_down_and_up(lab: Qvmd, system_bus: str) -> None:
     while tap_info(lab, "qvm0tap2") is None and time.monotonic() < deadline:
         time.sleep(0.05)
     assert tap_info(lab, "qvm0tap2") is not None
+
+
+def openssl_verify(
+    ca: Path | str, cert: Path | str, capath: bool = False
+) -> subprocess.CompletedProcess[str]:
+    flag = "-CApath" if capath else "-CAfile"
+    return subprocess.run(
+        ["openssl", "verify", flag, str(ca), str(cert)], capture_output=True, text=True
+    )
+
+
+@pytest.fixture
+def member_home(bus_users: busenv.TestUsers) -> Iterator[Path]:
+    """A directory the member owns (pytest's tmp_path is 0700 root)."""
+    base = Path(tempfile.mkdtemp(prefix="qvt-home-"))
+    try:
+        base.chmod(0o711)
+        home = base / "member"
+        home.mkdir()
+        os.chown(home, bus_users.member.uid, bus_users.member.gid)
+        yield home
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def test_ca_and_certificates(
+    lab: Qvmd, system_bus: str, bus_users: busenv.TestUsers, member_home: Path
+) -> None:
+    member, outsider = bus_users.member, bus_users.outsider
+    pem = busctl(
+        outsider,
+        system_bus,
+        "call",
+        "org.qvm.Net",
+        "/org/qvm/Net",
+        "org.qvm.Net",
+        "GetCaCertificate",
+        "--json=short",
+    )
+    assert json.loads(pem.stdout)["data"][0].startswith("-----BEGIN CERTIFICATE-----")
+    show = qvmctl(outsider, system_bus, "ca", "show")
+    assert (
+        "DNS:qvm0.lan" in show.stdout
+        and "IP:10.42.0.0/24" in show.stdout
+        and "(critical)" in show.stdout
+    )
+    ca_file = lab.state_dir / "ca-cert" / "qvm-ca.pem"
+    listed = json.loads(qvmctl(outsider, system_bus, "--json", "cert", "list").stdout)
+    assert {c["guest"] for c in listed} >= {"cp", "wk-1", "wk-2"}
+    assert all(c["days_left"] >= 396 for c in listed)
+    # A member's own lab name: certificate and key, in a directory of theirs.
+    home = member_home
+    out = qvmctl(
+        member, system_bus, "cert", "issue", "registry.qvm0.lan", "--out", str(home / "reg")
+    )
+    assert out.returncode == 0, out.stderr
+    assert (home / "reg" / "key.pem").stat().st_mode & 0o777 == 0o600
+    assert openssl_verify(ca_file, home / "reg" / "cert.pem").returncode == 0
+    # ... which nobody else may take over.
+    other = qvmctl(None, system_bus, "--json", "cert", "issue", "registry.qvm0.lan")
+    assert other.returncode == 0  # root is an admin
+    # A guest's certificate: a member gets the certificate, not the key.
+    cp = qvmctl(member, system_bus, "cert", "issue", "cp", "--out", str(home / "cp"))
+    assert cp.returncode == 0, cp.stderr
+    assert "key: kept by qvmd" in cp.stdout and not (home / "cp" / "key.pem").exists()
+    assert openssl_verify(ca_file, home / "cp" / "cert.pem").returncode == 0
+    # The outsider may read but not issue.
+    denied = qvmctl(outsider, system_bus, "cert", "issue", "x.qvm0.lan")
+    assert denied.returncode == 3, denied.stderr
+    # Bad names are refused with a reason.
+    for bad, reason in (
+        ("evil.example.com", "outside"),
+        ("*.qvm0.lan", "wildcard"),
+        ("10.43.0.1", "outside"),
+    ):
+        r = qvmctl(member, system_bus, "cert", "issue", bad)
+        assert r.returncode == 2 and reason in r.stderr, (bad, r.stderr)
+    # ca export into the member's own directory, with a working hash link.
+    exp = qvmctl(member, system_bus, "ca", "export", str(home / "ca-cert"))
+    assert exp.returncode == 0, exp.stderr
+    verified = openssl_verify(home / "ca-cert", home / "reg" / "cert.pem", capath=True)
+    assert verified.returncode == 0, verified.stdout + verified.stderr
+
+
+def test_dhcp_dns_through_the_daemon(
+    lab: Qvmd, system_bus: str, bus_users: busenv.TestUsers, tmp_path: Path
+) -> None:
+    from tests.netns import netns
+
+    with netns("g") as guest:
+        nsrun(
+            lab.netns,
+            "ip",
+            "link",
+            "add",
+            "gtest0",
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "eth0",
+            "netns",
+            guest,
+        )
+        try:
+            nsrun(lab.netns, "ip", "link", "set", "gtest0", "master", "qvm0", "up")
+            nsrun(guest, "ip", "link", "set", "eth0", "address", "52:54:0a:2a:00:0a", "up")
+            script = tmp_path / "udhcpc.sh"
+            script.write_text(
+                '#!/bin/sh\n[ "$1" = bound ] && echo "BOUND $ip $router $dns $domain"\nexit 0\n'
+            )
+            script.chmod(0o755)
+            got = nsrun(
+                guest,
+                "busybox",
+                "udhcpc",
+                "-i",
+                "eth0",
+                "-n",
+                "-q",
+                "-t",
+                "10",
+                "-T",
+                "1",
+                "-s",
+                str(script),
+                timeout=60,
+            )
+            assert "BOUND 10.42.0.10 10.42.0.1 10.42.0.2 qvm0.lan" in got.stdout, got.stdout
+            nsrun(guest, "ip", "addr", "add", "10.42.0.10/24", "dev", "eth0")
+            for port in ("53", "5300"):
+                ans = nsrun(guest, "dig", "+short", "-p", port, "@10.42.0.2", "cp.qvm0.lan")
+                assert ans.stdout.strip() == "10.42.0.10", (port, ans.stdout)
+            rev = nsrun(guest, "dig", "+short", "@10.42.0.2", "-x", "10.42.0.11")
+            assert rev.stdout.strip() == "wk-1.qvm0.lan."
+            deadline = time.monotonic() + 5
+            leases: list[dict[str, Any]] = []
+            while time.monotonic() < deadline:
+                leases = json.loads(
+                    qvmctl(bus_users.outsider, system_bus, "--json", "lease", "list").stdout
+                )
+                if any(le["guest"] == "cp" for le in leases):
+                    break
+                time.sleep(0.2)
+            assert any(le["guest"] == "cp" and le["ip"] == "10.42.0.10" for le in leases), leases
+        finally:
+            nsrun(lab.netns, "ip", "link", "del", "gtest0", check=False)

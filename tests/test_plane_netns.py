@@ -7,6 +7,7 @@ the services namespace, even on failure); nothing touches the host's network.
 from __future__ import annotations
 
 import json
+import shutil
 import signal
 import subprocess
 import sys
@@ -17,7 +18,7 @@ from typing import Any
 import pytest
 
 from tests.netns import netns_exists, nsrun, run
-from tests.qvmd_proc import Qvmd, qvmd_sandbox
+from tests.qvmd_proc import Qvmd, qvmd_sandbox, state_dir
 
 pytestmark = pytest.mark.root
 
@@ -272,7 +273,7 @@ def test_bad_config_changes_nothing(tmp_path: Path) -> None:
         assert "guests[0].ip: 10.99.0.10 is outside the lab subnet 10.42.0.0/24" in out
         assert set(links(q.netns)) == {"lo"}
         assert not netns_exists(q.services_netns)
-        assert not (tmp_path / "state").exists()
+        assert not q.state_dir.exists()
 
 
 def test_subnet_overlapping_a_host_route_is_refused(qvmd: Qvmd) -> None:
@@ -293,7 +294,7 @@ def test_sandbox_created_by_qvmd_is_removed_at_exit(tmp_path: Path) -> None:
     from tests.netns import unique_name
 
     ns = unique_name("own")
-    q = Qvmd(ns, tmp_path / "state")
+    q = Qvmd(ns, state_dir())
     try:
         q.start()
         q.wait_ready()
@@ -307,6 +308,7 @@ def test_sandbox_created_by_qvmd_is_removed_at_exit(tmp_path: Path) -> None:
 
         delete_netns(f"{ns}-svc")
         delete_netns(ns)
+        shutil.rmtree(q.state_dir.parent, ignore_errors=True)
 
 
 def test_self_heal_recreates_deleted_bridge_and_reenslaves(qvmd: Qvmd) -> None:

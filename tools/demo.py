@@ -120,6 +120,7 @@ def main() -> int:
             f"stop it or remove it with: ip netns del {SANDBOX}; ip netns del {SANDBOX}-svc"
         )
     with tempfile.TemporaryDirectory(prefix="qvm-demo-") as tmp:
+        os.chmod(tmp, 0o711)  # dnsmasq reads its files after dropping root
         notify_path = Path(tmp) / "notify"
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         sock.bind(str(notify_path))

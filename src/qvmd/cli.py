@@ -52,7 +52,44 @@ def build_parser() -> argparse.ArgumentParser:
     delete = tsub.add_parser("delete", help="delete your TAP (a guest TAP is handed back)")
     delete.add_argument("name")
     tsub.add_parser("list", help="all lab TAPs with owner and state")
+    cert = sub.add_parser("cert", help="lab certificates")
+    csub = cert.add_subparsers(dest="cert_command", required=True, metavar="ACTION")
+    csub.add_parser("list", help="every certificate with SANs and days left")
+    issue = csub.add_parser("issue", help="get the certificate for a lab name")
+    issue.add_argument("host", help="a guest (cp), an FQDN in the lab domain, or a lab IP")
+    issue.add_argument("--force", action="store_true", help="reissue even if still valid")
+    issue.add_argument("--out", metavar="DIR", help="write cert.pem, fullchain.pem (and key.pem)")
+    ca = sub.add_parser("ca", help="the lab CA")
+    casub = ca.add_subparsers(dest="ca_command", required=True, metavar="ACTION")
+    casub.add_parser("show", help="subject, fingerprint, constraints, expiry")
+    export = casub.add_parser("export", help="copy the public CA with hash links into DIR")
+    export.add_argument("dir", help="e.g. $QVM_DIR/ca-cert in a toolbox")
+    fwd = sub.add_parser("forward", help="port forwards from the host into guests")
+    fsub = fwd.add_subparsers(dest="forward_command", required=True, metavar="ACTION")
+    fadd = fsub.add_parser("add", help="forward PROTO HOST_PORT to GUEST:GUEST_PORT")
+    fadd.add_argument("proto", choices=["tcp", "udp"])
+    fadd.add_argument("host_port", type=port_number)
+    fadd.add_argument("guest")
+    fadd.add_argument("guest_port", type=port_number)
+    frm = fsub.add_parser("remove", help="remove the forward of PROTO HOST_PORT")
+    frm.add_argument("proto", choices=["tcp", "udp"])
+    frm.add_argument("host_port", type=port_number)
+    fsub.add_parser("list", help="all forwards")
+    sub.add_parser("doctor", help="check what stops the lab from working, and say how to fix it")
+    lease = sub.add_parser("lease", help="DHCP leases")
+    lsub = lease.add_subparsers(dest="lease_command", required=True, metavar="ACTION")
+    lsub.add_parser("list", help="MAC, IP, hostname, expiry, guest")
     return p
+
+
+def port_number(text: str) -> int:
+    try:
+        port = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port number") from None
+    if not 1 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"{port} is outside 1-65535")
+    return port
 
 
 async def call(
@@ -172,26 +209,176 @@ async def run(args: argparse.Namespace) -> str:
         if args.json:
             return json.dumps(changes, indent=2)
         return "\n".join(changes) if changes else "nothing to change"
+    if cmd == "tap":
+        return await run_tap(args, addr)
+    if cmd == "cert":
+        return await run_cert(args, addr)
+    if cmd == "ca":
+        return await run_ca(args, addr)
+    if cmd == "forward":
+        return await run_forward(args, addr)
+    if cmd == "doctor":
+        findings = await call(addr, "Doctor")
+        if args.json:
+            return json.dumps(findings, indent=2)
+        if not findings:
+            return "no problems found"
+        lines = []
+        for f in findings:
+            lines += [f"{f['severity'].upper()}: {f['summary']}", f"  fix: {f['fix']}"]
+        return "\n".join(lines)
+    leases = await call(addr, "ListLeases")
+    return json.dumps(leases, indent=2) if args.json else render_leases(leases)
+
+
+async def run_forward(args: argparse.Namespace, addr: str | None) -> str:
+    from qvmd.table import render
+
+    if args.forward_command == "list":
+        fwds = await call(addr, "ListForwards")
+        if args.json:
+            return json.dumps(fwds, indent=2)
+        rows = [
+            [f["proto"], f["host_port"], f"{f['guest']}:{f['guest_port']}", _id(f["owner_uid"])]
+            for f in fwds
+        ]
+        return render(["PROTO", "HOST PORT", "TO", "OWNER"], rows)
+    if args.forward_command == "add":
+        fwd = await call(
+            addr, "AddForward", "sqsq", [args.proto, args.host_port, args.guest, args.guest_port]
+        )
+        if args.json:
+            return json.dumps(fwd, indent=2)
+        return f"forwarding {fwd['proto']} {fwd['host_port']} -> {fwd['guest']}:{fwd['guest_port']}"
+    await call(addr, "RemoveForward", "sq", [args.proto, args.host_port])
+    return "" if args.json else f"removed {args.proto} {args.host_port}"
+
+
+async def run_tap(args: argparse.Namespace, addr: str | None) -> str:
     if args.tap_command == "list":
         taps = await call(addr, "ListTaps")
         return json.dumps(taps, indent=2) if args.json else render_taps(taps)
-    if args.tap_command == "create":
-        from dbus_fast import Variant
+    if args.tap_command == "delete":
+        await call(addr, "DeleteTap", "s", [args.name])
+        return "" if args.json else f"released {args.name}"
+    from dbus_fast import Variant
 
-        opts: dict[str, Any] = {}
-        if args.multi_queue:
-            opts["multi_queue"] = Variant("b", True)
-        if args.owner is not None:
-            if not 0 <= args.owner < 2**32 - 1:
-                raise CliError(f"--owner {args.owner} is not a valid uid", EXIT_USAGE)
-            opts["owner"] = Variant("u", args.owner)
-        tap = await call(addr, "CreateTap", "sa{sv}", [args.name, opts])
+    opts: dict[str, Any] = {}
+    if args.multi_queue:
+        opts["multi_queue"] = Variant("b", True)
+    if args.owner is not None:
+        if not 0 <= args.owner < 2**32 - 1:
+            raise CliError(f"--owner {args.owner} is not a valid uid", EXIT_USAGE)
+        opts["owner"] = Variant("u", args.owner)
+    tap = await call(addr, "CreateTap", "sa{sv}", [args.name, opts])
+    if args.json:
+        return json.dumps(tap, indent=2)
+    verb = "created" if tap["created"] else "already yours:"
+    return f"{verb} {tap['name']} (owner uid {tap['uid']})\nQEMU: -netdev {tap['qemu_netdev']}"
+
+
+async def run_cert(args: argparse.Namespace, addr: str | None) -> str:
+    from qvmd.table import render
+
+    if args.cert_command == "list":
+        certs = await call(addr, "ListCertificates")
         if args.json:
-            return json.dumps(tap, indent=2)
-        verb = "created" if tap["created"] else "already yours:"
-        return f"{verb} {tap['name']} (owner uid {tap['uid']})\nQEMU: -netdev {tap['qemu_netdev']}"
-    await call(addr, "DeleteTap", "s", [args.name])
-    return "" if args.json else f"released {args.name}"
+            return json.dumps(certs, indent=2)
+        rows = [
+            [
+                c["name"],
+                c["guest"] or "-",
+                " ".join(c["sans"]),
+                c["not_after"][:10],
+                c["days_left"],
+                c["key_type"],
+            ]
+            for c in certs
+        ]
+        return render(["NAME", "GUEST", "SANS", "NOT AFTER", "DAYS LEFT", "KEY"], rows)
+    from dbus_fast import Variant
+
+    opts = {"force": Variant("b", True)} if args.force else {}
+    cert = await call(addr, "IssueCertificate", "sa{sv}", [args.host, opts])
+    try:
+        written = write_cert_files(cert, args.out) if args.out else []
+    except OSError as exc:
+        raise CliError(f"cannot write to {args.out}: {exc.strerror}") from None
+    if args.json:
+        return json.dumps({k: v for k, v in cert.items() if k != "key_pem"}, indent=2)
+    lines = [
+        f"{cert['name']}: {' '.join(cert['sans'])}, valid until {cert['not_after'][:10]}"
+        f" ({cert['days_left']} days)",
+        f"certificate: {cert['cert_path']}",
+    ]
+    if "key_pem" not in cert:
+        lines.append("key: kept by qvmd (a guest's key goes only to that guest or an admin)")
+    lines += [f"wrote {path}" for path in written]
+    return "\n".join(lines)
+
+
+def write_cert_files(cert: dict[str, Any], out: str) -> list[str]:
+    """Write what we were given into the caller's own directory (as the caller)."""
+    from pathlib import Path
+
+    from qvmd.fsutil import atomic_write
+
+    dest = Path(out)
+    dest.mkdir(parents=True, exist_ok=True)
+    written = []
+    files = [("cert.pem", "cert_pem", 0o644), ("fullchain.pem", "fullchain_pem", 0o644)]
+    if "key_pem" in cert:
+        files.append(("key.pem", "key_pem", 0o600))
+    for name, key, mode in files:
+        atomic_write(dest / name, cert[key].encode(), mode)
+        written.append(str(dest / name))
+    return written
+
+
+async def run_ca(args: argparse.Namespace, addr: str | None) -> str:
+    if args.ca_command == "show":
+        ca = await call(addr, "GetCaInfo")
+        if args.json:
+            return json.dumps(ca, indent=2)
+        return "\n".join(
+            [
+                f"subject:      {ca['subject']}",
+                f"fingerprint:  SHA256 {ca['fingerprint_sha256']}",
+                f"key:          {ca['key_type']}",
+                f"valid:        {ca['not_before'][:10]} .. {ca['not_after'][:10]}",
+                f"constraints:  permitted {', '.join(ca['permitted'])}"
+                + (" (critical)" if ca["constraints_critical"] else " (NOT critical)"),
+                f"public copy:  {ca['public_path']} (hash link {ca['subject_hash']}.0)",
+            ]
+        )
+    from qvmd.pki import export_public
+
+    pem = await call(addr, "GetCaCertificate")
+    try:
+        written = export_public(pem.encode(), args.dir)
+    except OSError as exc:
+        raise CliError(f"cannot write to {args.dir}: {exc.strerror}") from None
+    return json.dumps(written) if args.json else "\n".join(f"wrote {p}" for p in written)
+
+
+def render_leases(leases: list[dict[str, Any]]) -> str:
+    import time
+
+    from qvmd.table import render
+
+    rows = [
+        [
+            le["mac"],
+            le["ip"],
+            le["hostname"] or "-",
+            time.strftime("%Y-%m-%d %H:%M", time.localtime(le["expiry"]))
+            if le["expiry"]
+            else "never",
+            le["guest"] or "-",
+        ]
+        for le in leases
+    ]
+    return render(["MAC", "IP", "HOSTNAME", "EXPIRES", "GUEST"], rows)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -201,6 +388,13 @@ def main(argv: list[str] | None = None) -> int:
     except CliError as exc:
         print(f"qvmctl: {exc}", file=sys.stderr)
         return exc.code
+    except Exception as exc:  # a QvmError from local work (ca export)
+        from qvmd.errors import QvmError
+
+        if not isinstance(exc, QvmError):
+            raise
+        print(f"qvmctl: {exc}", file=sys.stderr)
+        return EXIT_BY_ERROR.get(exc.dbus_name, EXIT_ERROR)
     except KeyboardInterrupt:
         return 130
     if out:

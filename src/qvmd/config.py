@@ -28,9 +28,11 @@ from typing import Any, TypeVar
 from qvmd.errors import ConfigError, InvalidArgument
 from qvmd.model import (
     DEFAULT_SERVICES_NETNS,
+    DnsSettings,
     Guest,
     Lab,
     Owner,
+    PkiSettings,
     Services,
     default_lab,
     derive_mac,
@@ -218,6 +220,8 @@ def parse_config(data: dict[str, Any], sandbox: str | None = None) -> Lab:
     _check_host_address(s.key("address"), svc_addr, subnet, {gateway.ip: "the gateway address"})
     services = Services(netns, svc_if, svc_port, svc_addr, dns_port)
 
+    pki = _parse_pki(top.sub("pki"))
+    dns = _parse_dns(top.sub("dns"))
     guests = _parse_guests(
         top, base, domain, prefix, subnet, gateway.ip, svc_addr, tap_owner, multi_queue_default
     )
@@ -232,7 +236,38 @@ def parse_config(data: dict[str, Any], sandbox: str | None = None) -> Lab:
         tap_owner=tap_owner,
         services=services,
         guests=guests,
+        pki=pki,
+        dns=dns,
     )
+
+
+def _parse_pki(t: _Table) -> PkiSettings:
+    base = PkiSettings()
+    key_type = t.get("key_type", str, base.key_type)
+    if key_type not in ("ec", "rsa"):
+        raise ConfigError(t.key("key_type"), f"{key_type!r} is not 'ec' or 'rsa'")
+    lifetime = t.get("lifetime_days", int, base.lifetime_days)
+    if not 1 <= lifetime <= 825:
+        raise ConfigError(t.key("lifetime_days"), f"{lifetime} is not between 1 and 825")
+    renew = t.get("renew_days", int, base.renew_days)
+    if not 0 <= renew < lifetime:
+        raise ConfigError(t.key("renew_days"), f"{renew} must be at least 0 and below the lifetime")
+    t.finish()
+    return PkiSettings(key_type, lifetime, renew)
+
+
+def _parse_dns(t: _Table) -> DnsSettings:
+    raw = t.get("upstreams", list, [])
+    upstreams = []
+    for i, item in enumerate(raw):
+        if not isinstance(item, str):
+            raise ConfigError(f"{t.key('upstreams')}[{i}]", f"must be a string, not {_tname(item)}")
+        upstreams.append(_ipv4(f"{t.key('upstreams')}[{i}]", item))
+    lease = t.get("lease_seconds", int, DnsSettings().lease_seconds)
+    if not 120 <= lease <= 7 * 86400:
+        raise ConfigError(t.key("lease_seconds"), f"{lease} is not between 120 and 604800")
+    t.finish()
+    return DnsSettings(tuple(upstreams), lease)
 
 
 def _parse_guests(

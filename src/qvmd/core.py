@@ -8,6 +8,7 @@ a reload never interleave.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import Callable
@@ -15,11 +16,15 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from qvmd import monitor
+from qvmd.certs import CertService
 from qvmd.config import check_subnet_free, load_config
+from qvmd.firewall.service import FirewallService, default_route_dev, forward_dict
 from qvmd.healer import Healer
+from qvmd.hostservices import HostServices
 from qvmd.links import main_routes
 from qvmd.model import Lab
 from qvmd.plane import NetworkPlane, TapStatus
+from qvmd.services.supervisor import terminate_stale
 from qvmd.state import StateStore
 from qvmd.taps import Caller, TapManager, TapResult
 
@@ -51,9 +56,14 @@ class Core:
         self.sandbox = sandbox
         self.plane = NetworkPlane(lab, StateStore(state_dir))
         self.taps = TapManager(self.plane)
-        self.healer = Healer(self.plane.reconcile)
+        self.services = HostServices(lab, state_dir)
+        self.firewall = FirewallService(state_dir)
+        self.certs = CertService(
+            lambda: self.services.pki, lambda: self.lab, lambda: self.plane.state, self.plane.store
+        )
+        self.healer = Healer(self._heal)
         self.healer.on_repair = self._on_repair
-        self.monitors: list[monitor.NetlinkMonitor] = []
+        self.monitors: list[monitor.NetlinkMonitor | monitor.NftMonitor] = []
         self.listeners = Listeners()
         self.lab_up = False
         self.started_at = time.time()
@@ -65,9 +75,25 @@ class Core:
 
     async def start(self) -> list[str]:
         changes = await self.plane.reconcile()
+        self.firewall.load(self.lab)
+        # The first pass of a new process always re-applies the tables (it
+        # cannot know their content is its own); the replace is atomic, so
+        # guests see no gap. Logged, not counted as a change of the lab.
+        for change in await self.firewall.ensure(self.lab, bridge_created=True):
+            log.info("firewall: %s", change)
+        await self.services.start()
         self.lab_up = True
         self._start_monitors()
         self.healer.start()
+        return changes
+
+    async def _heal(self) -> list[str]:
+        changes = await self.plane.reconcile()
+        bridge_created = any(c.startswith("created bridge") for c in changes)
+        changes += await self.firewall.ensure(self.lab, bridge_created)
+        if any(c.startswith("created namespace") for c in changes):
+            await self.services.namespace_recreated()
+            changes.append("restarted host services in the new services namespace")
         return changes
 
     def _start_monitors(self) -> None:
@@ -76,6 +102,9 @@ class Core:
         )
         main.start()
         self.monitors.append(main)
+        nft = monitor.NftMonitor(monitor.open_nft_event_socket(), self.healer.wake)
+        nft.start()
+        self.monitors.append(nft)
         if self.plane.svc is not None:
             sock = self.plane.svc.run_sync(lambda _ipr: monitor.open_event_socket())
             svc = monitor.NetlinkMonitor(
@@ -95,6 +124,14 @@ class Core:
         for m in self.monitors:
             m.stop()
         self.monitors.clear()
+        await self.services.stop()
+
+    async def teardown(self) -> list[str]:
+        """Remove the lab, including a dnsmasq a killed qvmd left behind."""
+        paths = self.services.dnsmasq_paths
+        terminate_stale(paths.pid, str(paths.conf))
+        changes = await self.firewall.teardown()
+        return changes + await self.plane.teardown()
 
     def close(self) -> None:
         self.plane.close()
@@ -102,11 +139,9 @@ class Core:
     # -- operations ----------------------------------------------------
 
     async def up(self) -> list[str]:
-        changes = await self.plane.reconcile()
-        if not self.lab_up:
-            self.lab_up = True
-            self._start_monitors()
-            self.healer.start()
+        if self.lab_up:
+            return await self.plane.reconcile()
+        changes = await self.start()
         self._lab_changed()
         return changes
 
@@ -114,7 +149,7 @@ class Core:
         """Remove the lab but keep serving (`qvmctl up` brings it back)."""
         await self.stop()
         self.lab_up = False
-        changes = await self.plane.teardown()
+        changes = await self.teardown()
         self._lab_changed()
         return changes
 
@@ -127,6 +162,10 @@ class Core:
             return await self.plane.reconcile() if self.lab_up else []
         changes = await self.plane.replace_lab(new, reconcile=self.lab_up)
         self.lab = new
+        self.firewall.load(new)
+        if self.lab_up:
+            changes += await self.firewall.ensure(new, bridge_created=True)
+            await self.services.apply(new)
         self._lab_changed()
         return changes
 
@@ -142,6 +181,35 @@ class Core:
         for cb in self.listeners.tap_removed:
             cb(name)
 
+    async def add_forward(
+        self, caller: Caller, proto: str, host_port: int, guest: str, guest_port: int
+    ) -> dict[str, Any]:
+        fwd = await self.firewall.add(
+            self.lab, proto, host_port, guest, guest_port, caller.uid, caller.admin
+        )
+        log.info(
+            "forward %s/%d -> %s:%d by uid %d",
+            fwd.proto,
+            fwd.host_port,
+            fwd.guest,
+            fwd.guest_port,
+            caller.uid,
+            extra={"QVM_UID": caller.uid},
+        )
+        return forward_dict(fwd)
+
+    async def remove_forward(self, caller: Caller, proto: str, host_port: int) -> None:
+        gone = await self.firewall.remove(self.lab, proto, host_port, caller.uid, caller.admin)
+        log.info("removed forward %s/%d by uid %d", gone.proto, gone.host_port, caller.uid)
+
+    def list_forwards(self) -> list[dict[str, Any]]:
+        return [forward_dict(f) for f in self.firewall.forwards]
+
+    async def doctor(self) -> list[dict[str, str]]:
+        uplink = default_route_dev(await self.plane.main.run(main_routes))
+        findings = await self.firewall.doctor(self.lab, uplink)
+        return [{"severity": f.severity, "summary": f.summary, "fix": f.fix} for f in findings]
+
     async def list_taps(self) -> list[TapStatus]:
         return await self.plane.taps()
 
@@ -149,6 +217,11 @@ class Core:
         snap = await self.plane.snapshot()
         stats = self.healer.stats
         snap["lab_up"] = self.lab_up
+        snap["host_services"] = self.services.status()
+        snap["firewall"] = {
+            "forwards": len(self.firewall.forwards),
+            "counters": await asyncio.to_thread(self.firewall.counters),
+        }
         snap["heal"] = {
             "passes": stats.passes,
             "repairs": stats.repairs,

@@ -103,20 +103,24 @@ class Daemon:
             await server.start()
             self.bus_api = server
             bus_task = asyncio.create_task(self._watch_bus(server))
-        self.notifier.notify(STATUS="bringing the lab up")
-        changes = await self.core.start()
-        log.info("lab %s up (%d change(s), adopted the rest)", self.core.lab.bridge, len(changes))
-        self.notifier.notify(READY="1", STATUS=f"lab {self.core.lab.bridge} up")
         watchdog = None
-        if self.notifier.watchdog_interval:
-            watchdog = asyncio.create_task(self._watchdog(self.notifier.watchdog_interval))
-        await self.stopping.wait()
-        log.info("stopping (the lab stays up; use --teardown to remove it)")
-        self.notifier.notify(STOPPING="1", STATUS="stopping")
-        for task in (watchdog, bus_task):
-            if task is not None:
-                task.cancel()
-        await asyncio.wait_for(self._stop(), STOP_TIMEOUT)
+        try:
+            self.notifier.notify(STATUS="bringing the lab up")
+            changes = await self.core.start()
+            bridge = self.core.lab.bridge
+            log.info("lab %s up (%d change(s), adopted the rest)", bridge, len(changes))
+            self.notifier.notify(READY="1", STATUS=f"lab {self.core.lab.bridge} up")
+            if self.notifier.watchdog_interval:
+                watchdog = asyncio.create_task(self._watchdog(self.notifier.watchdog_interval))
+            await self.stopping.wait()
+            log.info("stopping (the lab stays up; use --teardown to remove it)")
+            self.notifier.notify(STOPPING="1", STATUS="stopping")
+        finally:
+            for task in (watchdog, bus_task):
+                if task is not None:
+                    task.cancel()
+            # Also after a failed start: children and monitors must not leak.
+            await asyncio.wait_for(self._stop(), STOP_TIMEOUT)
 
     async def _watch_bus(self, server: object) -> None:
         from qvmd.bus.server import BusServer
@@ -158,13 +162,15 @@ async def _amain(opts: Options, lab: Lab, owns_sandbox: bool) -> int:
     try:
         await daemon.core.check_host()
         if opts.teardown:
-            for change in await daemon.core.plane.teardown():
+            for change in await daemon.core.teardown():
                 print(change)
             return 0
-        await daemon.run()
-        if owns_sandbox:
-            # The sandbox goes away with us; its services namespace must too.
-            await daemon.core.plane.teardown()
+        try:
+            await daemon.run()
+        finally:
+            if owns_sandbox:
+                # The sandbox goes away with us; its services namespace must too.
+                await daemon.core.teardown()
         return daemon.exit_code
     finally:
         daemon.core.close()

@@ -51,6 +51,20 @@ class Services:
 
 
 @dataclass(frozen=True)
+class PkiSettings:
+    key_type: str = "ec"  # "ec" (P-256) or "rsa" (3072)
+    lifetime_days: int = 397
+    renew_days: int = 30
+
+
+@dataclass(frozen=True)
+class DnsSettings:
+    # Empty: forward to the host's own resolvers (read at start and reload).
+    upstreams: tuple[IPv4Address, ...] = ()
+    lease_seconds: int = 3600
+
+
+@dataclass(frozen=True)
 class Lab:
     bridge: str
     gateway: IPv4Interface
@@ -59,6 +73,8 @@ class Lab:
     tap_owner: Owner
     services: Services
     guests: tuple[Guest, ...] = field(default_factory=tuple)
+    pki: PkiSettings = field(default_factory=PkiSettings)
+    dns: DnsSettings = field(default_factory=DnsSettings)
 
     @property
     def subnet(self) -> IPv4Network:

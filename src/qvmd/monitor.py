@@ -90,3 +90,53 @@ class NetlinkMonitor:
             elif event in ("RTM_NEWROUTE", "RTM_DELROUTE") and msg["dst_len"] == 0:
                 reason = f"{self.where}: {event} default"
         return reason
+
+
+NETLINK_NETFILTER = 12
+NFNLGRP_NFTABLES = 7
+SOL_NETLINK = 270
+NETLINK_ADD_MEMBERSHIP = 1
+
+
+def open_nft_event_socket() -> socket.socket:
+    """nftables change notifications (what `nft monitor` reads)."""
+    sock = socket.socket(
+        socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC, NETLINK_NETFILTER
+    )
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
+    sock.bind((0, 0))
+    sock.setsockopt(SOL_NETLINK, NETLINK_ADD_MEMBERSHIP, NFNLGRP_NFTABLES)
+    sock.setblocking(False)
+    return sock
+
+
+class NftMonitor:
+    """Any ruleset change wakes the healer, which compares our tables with
+    what it applied; our own applies wake it too and find nothing to do."""
+
+    def __init__(self, sock: socket.socket, wake: Callable[[str], None]) -> None:
+        self.sock = sock
+        self.wake = wake
+
+    def start(self) -> None:
+        asyncio.get_running_loop().add_reader(self.sock.fileno(), self._readable)
+
+    def stop(self) -> None:
+        try:
+            asyncio.get_running_loop().remove_reader(self.sock.fileno())
+        finally:
+            self.sock.close()
+
+    def _readable(self) -> None:
+        changed = False
+        while True:
+            try:
+                self.sock.recv(1 << 20)
+            except BlockingIOError:
+                break
+            except OSError as exc:
+                if exc.errno != errno.ENOBUFS:
+                    raise
+            changed = True
+        if changed:
+            self.wake("nftables ruleset changed")

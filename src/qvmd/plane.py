@@ -192,7 +192,8 @@ class NetworkPlane:
         if self.state.forwarding_restore:
             sysctl.set_forwarding(False)
             changes.append("restored IPv4 forwarding to off")
-        self.state = PlaneState()
+        # Certificates outlive the lab's links, and so do their owners.
+        self.state = PlaneState(cert_owners=self.state.cert_owners)
         self.store.save(self.state)
         for change in changes:
             log.info("teardown: %s", change)

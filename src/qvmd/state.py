@@ -27,12 +27,16 @@ class PlaneState:
     forwarding_restore: bool = False
     # TAPs created or claimed over D-Bus: name -> spec (owner, flags).
     taps: dict[str, TapSpec] = field(default_factory=dict)
+    # Certificates for lab names that are not guests: name -> uid of the
+    # user who first asked (who alone, besides admins, gets its key).
+    cert_owners: dict[str, int] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         return {
             "version": 1,
             "forwarding_restore": self.forwarding_restore,
             "taps": {name: asdict(spec) for name, spec in sorted(self.taps.items())},
+            "cert_owners": dict(sorted(self.cert_owners.items())),
         }
 
     @classmethod
@@ -45,7 +49,12 @@ class PlaneState:
                 gid=None if spec.get("gid") is None else int(spec["gid"]),
                 multi_queue=bool(spec.get("multi_queue", False)),
             )
-        return cls(forwarding_restore=bool(data.get("forwarding_restore", False)), taps=taps)
+        owners = {str(k): int(v) for k, v in dict(data.get("cert_owners", {})).items()}
+        return cls(
+            forwarding_restore=bool(data.get("forwarding_restore", False)),
+            taps=taps,
+            cert_owners=owners,
+        )
 
 
 class StateStore:

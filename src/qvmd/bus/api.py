@@ -23,6 +23,8 @@ INTERFACE = "org.qvm.Net"
 
 MANAGE_TAPS = "org.qvm.Net.manage-taps"
 MANAGE_LAB = "org.qvm.Net.manage-lab"
+ISSUE_CERTIFICATES = "org.qvm.Net.issue-certificates"
+MANAGE_FORWARDS = "org.qvm.Net.manage-forwards"
 ADMIN_ACTION = MANAGE_LAB
 
 UINT32_MAX = 2**32 - 1
@@ -91,6 +93,40 @@ def build_interface(core: Core) -> Interface:
     async def reload(ctx: CallContext) -> list[str]:
         return await core.reload()
 
+    async def get_ca_certificate(ctx: CallContext) -> str:
+        return core.certs.ca_pem()
+
+    async def get_ca_info(ctx: CallContext) -> dict[str, Any]:
+        return to_vardict(core.certs.ca_info())
+
+    async def list_certificates(ctx: CallContext) -> list[dict[str, Any]]:
+        return [to_vardict(c) for c in await core.certs.list()]
+
+    async def issue_certificate(
+        ctx: CallContext, hostname: str, options: dict[str, Any]
+    ) -> dict[str, Any]:
+        opts = read_options(options, {"force": ("b",)})
+        return to_vardict(await core.certs.issue(await caller(ctx), hostname, opts))
+
+    async def add_forward(
+        ctx: CallContext, proto: str, host_port: int, guest: str, guest_port: int
+    ) -> dict[str, Any]:
+        return to_vardict(
+            await core.add_forward(await caller(ctx), proto, host_port, guest, guest_port)
+        )
+
+    async def remove_forward(ctx: CallContext, proto: str, host_port: int) -> None:
+        await core.remove_forward(await caller(ctx), proto, host_port)
+
+    async def list_forwards(ctx: CallContext) -> list[dict[str, Any]]:
+        return [to_vardict(f) for f in core.list_forwards()]
+
+    async def doctor(ctx: CallContext) -> list[dict[str, Any]]:
+        return [to_vardict(f) for f in await core.doctor()]
+
+    async def list_leases(ctx: CallContext) -> list[dict[str, Any]]:
+        return [to_vardict(lease) for lease in core.services.leases()]
+
     def lab() -> Lab:  # properties follow reloads
         return core.lab
 
@@ -110,11 +146,41 @@ def build_interface(core: Core) -> Interface:
             Method("Up", (), (("changes", "as"),), MANAGE_LAB, up),
             Method("Down", (), (("changes", "as"),), MANAGE_LAB, down),
             Method("Reload", (), (("changes", "as"),), MANAGE_LAB, reload),
+            Method("GetCaCertificate", (), (("pem", "s"),), PUBLIC, get_ca_certificate),
+            Method("GetCaInfo", (), (("ca", "a{sv}"),), PUBLIC, get_ca_info),
+            Method(
+                "ListCertificates", (), (("certificates", "aa{sv}"),), PUBLIC, list_certificates
+            ),
+            Method(
+                "IssueCertificate",
+                (("hostname", "s"), ("options", "a{sv}")),
+                (("certificate", "a{sv}"),),
+                ISSUE_CERTIFICATES,
+                issue_certificate,
+            ),
+            Method("ListLeases", (), (("leases", "aa{sv}"),), PUBLIC, list_leases),
+            Method(
+                "AddForward",
+                (("proto", "s"), ("host_port", "q"), ("guest", "s"), ("guest_port", "q")),
+                (("forward", "a{sv}"),),
+                MANAGE_FORWARDS,
+                add_forward,
+            ),
+            Method(
+                "RemoveForward",
+                (("proto", "s"), ("host_port", "q")),
+                (),
+                MANAGE_FORWARDS,
+                remove_forward,
+            ),
+            Method("ListForwards", (), (("forwards", "aa{sv}"),), PUBLIC, list_forwards),
+            Method("Doctor", (), (("findings", "aa{sv}"),), PUBLIC, doctor),
         ],
         signals=[
             Signal("TapAdded", (("name", "s"), ("uid", "u"))),
             Signal("TapRemoved", (("name", "s"),)),
             Signal("Healed", (("what", "s"), ("detail", "s"))),
+            Signal("LeaseChanged", (("change", "s"), ("mac", "s"), ("ip", "s"), ("hostname", "s"))),
         ],
         properties=[
             Property("Version", "s", lambda: __version__),

@@ -43,6 +43,11 @@ class BusServer:
         listeners.tap_added.append(lambda name, uid: svc.emit("TapAdded", name, uid))
         listeners.tap_removed.append(lambda name: svc.emit("TapRemoved", name))
         listeners.healed.append(lambda what, detail: svc.emit("Healed", what, detail))
+        self.core.services.on_lease_change.append(
+            lambda c: svc.emit(
+                "LeaseChanged", c.kind, c.lease.mac, str(c.lease.ip), c.lease.hostname or ""
+            )
+        )
         listeners.lab_changed.append(
             lambda: svc.properties_changed("Bridge", "Gateway", "Domain", "LabUp")
         )

@@ -335,8 +335,7 @@ class BusService:
         needs_check = method.action != PUBLIC and uid != 0
         if needs_check and not await self.authority.check(sender, method.action):
             raise PermissionDenied(
-                f"not authorized for {method.action} "
-                "(ask an administrator to add you to group qvm)"
+                f"not authorized for {method.action} (ask an administrator to add you to group qvm)"
             )
         log.debug(
             "%s by uid %d", method.name, uid, extra={"QVM_ACTION": method.action, "QVM_UID": uid}

@@ -1,0 +1,1 @@
+"""qvmd's nftables firewall: pure ruleset builder, apply layer, port forwards, doctor."""
