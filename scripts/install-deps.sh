@@ -5,11 +5,11 @@ set -euo pipefail
 
 PACKAGES=(
   # runtime
-  python3 python3-venv python3-nftables python3-systemd nftables iproute2
-  dnsmasq-base dbus-daemon polkitd util-linux
+  python3 python3-venv python3-nftables python3-systemd python3-yaml nftables
+  iproute2 dnsmasq-base dbus-daemon polkitd util-linux nfs-ganesha nfs-ganesha-vfs
   # tests and demo: real clients and tools
   iputils-ping busybox isc-dhcp-client bind9-dnsutils curl openssl systemd
-  firewalld passwd
+  firewalld passwd cloud-init libnfs-utils qemu-system-x86
 )
 
 missing=()

@@ -22,11 +22,9 @@ def unique_name(tag: str = "") -> str:
 
 
 def run(
-    cmd: Sequence[str], check: bool = True, timeout: float = 30, **kw: object
+    cmd: Sequence[str], check: bool = True, timeout: float = 30
 ) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        list(cmd), check=check, timeout=timeout, text=True, capture_output=True, **kw
-    )  # type: ignore[call-overload, no-any-return]
+    return subprocess.run(list(cmd), check=check, timeout=timeout, text=True, capture_output=True)
 
 
 def nsrun(

@@ -26,11 +26,13 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from qvmd.errors import ConfigError, InvalidArgument
+from qvmd.metadata.documents import authorized_keys
 from qvmd.model import (
     DEFAULT_SERVICES_NETNS,
     DnsSettings,
     Guest,
     Lab,
+    MetadataSettings,
     Owner,
     PkiSettings,
     Services,
@@ -38,6 +40,7 @@ from qvmd.model import (
     derive_mac,
 )
 from qvmd.names import validate_domain, validate_ifname, validate_label, validate_mac
+from qvmd.services.nfs_exports import parse_nfs_table
 
 T = TypeVar("T")
 
@@ -222,6 +225,9 @@ def parse_config(data: dict[str, Any], sandbox: str | None = None) -> Lab:
 
     pki = _parse_pki(top.sub("pki"))
     dns = _parse_dns(top.sub("dns"))
+    metadata = _parse_metadata(top.sub("metadata"))
+    top.used.add("nfs")
+    nfs = parse_nfs_table(top.data.get("nfs"), subnet)
     guests = _parse_guests(
         top, base, domain, prefix, subnet, gateway.ip, svc_addr, tap_owner, multi_queue_default
     )
@@ -238,7 +244,32 @@ def parse_config(data: dict[str, Any], sandbox: str | None = None) -> Lab:
         guests=guests,
         pki=pki,
         dns=dns,
+        metadata=metadata,
+        nfs=nfs,
     )
+
+
+def _parse_metadata(t: _Table) -> MetadataSettings:
+    base = MetadataSettings()
+    port = t.get("port", int, base.port)
+    if not 1 <= port <= 65535:
+        raise ConfigError(t.key("port"), f"{port} is not a port number (1-65535)")
+    raw_keys = t.get("ssh_authorized_keys", list, [])
+    if not all(isinstance(k, str) for k in raw_keys):
+        raise ConfigError(t.key("ssh_authorized_keys"), "must be an array of strings")
+    try:
+        keys = authorized_keys(raw_keys)
+    except ValueError as exc:
+        raise ConfigError(t.key("ssh_authorized_keys"), str(exc)) from None
+    settings = MetadataSettings(
+        enabled=t.get("enabled", bool, base.enabled),
+        port=port,
+        ssh_authorized_keys=keys,
+        disable_firewalld=t.get("disable_firewalld", bool, base.disable_firewalld),
+        prefer_fqdn=t.get("prefer_fqdn", bool, base.prefer_fqdn),
+    )
+    t.finish()
+    return settings
 
 
 def _parse_pki(t: _Table) -> PkiSettings:

@@ -1,10 +1,11 @@
-"""Host services of the lab: the CA, and dnsmasq (DHCP + DNS) in the
-services namespace, with the :5300 → :53 redirect and the lease watcher.
+"""Host services of the lab: the CA; dnsmasq (DHCP + DNS) with the :5300
+→ :53 redirect and the lease watcher; the cloud-init metadata server; and
+nfs-ganesha — all in the services namespace.
 
 Order matters and is written once here: certificates first (cloud-init
-needs them), then dnsmasq's files, the redirect, dnsmasq itself. Everything
-that can be reloaded is reloaded (SIGHUP); a restart happens only when
-dnsmasq's conf file itself changed.
+needs them), then dnsmasq's files, the redirect, dnsmasq, the metadata
+server, ganesha. Everything that can be reloaded is reloaded (SIGHUP); a
+restart happens only when a daemon's own conf file changed.
 """
 
 from __future__ import annotations
@@ -13,12 +14,16 @@ import asyncio
 import contextlib
 import logging
 import os
+import shutil
 from collections.abc import Callable
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
+from qvmd.metadata.documents import UserDataOptions
+from qvmd.metadata.server import MetadataServer, PkiDocumentSource
 from qvmd.model import Lab
 from qvmd.pki import LabPki
+from qvmd.services import ganesha
 from qvmd.services.dnsmasq import (
     Change,
     DnsmasqPaths,
@@ -28,6 +33,7 @@ from qvmd.services.dnsmasq import (
 )
 from qvmd.services.dnsredirect import apply_dns_redirect
 from qvmd.services.leases import Lease, LeaseChange, LeaseWatcher, guest_of
+from qvmd.services.nfs_exports import resolve_exports
 from qvmd.services.supervisor import Child, ChildStatus, terminate_stale
 from qvmd.services.upstreams import read_host_upstreams
 
@@ -57,6 +63,10 @@ class HostServices:
         self.on_lease_change: list[Callable[[LeaseChange], None]] = []
         self._renewal: asyncio.Task[None] | None = None
         self.upstream_note = ""
+        self.metadata: MetadataServer | None = None
+        self.ganesha_paths = ganesha.GaneshaPaths(self.state_dir / "ganesha")
+        self.nfs: Child | None = None
+        self.nfs_note = ""
 
     async def start(self) -> None:
         # dnsmasq reads its files as user dnsmasq, so the state dir must be
@@ -71,7 +81,44 @@ class HostServices:
         self.dnsmasq.start()
         self.watcher = LeaseWatcher(self.dnsmasq_paths.leases, self._leases_changed)
         self.watcher.start()
+        if self.lab.metadata.enabled:
+            self.metadata = MetadataServer(self.lab, self._documents(), port=self.lab.metadata.port)
+            await self.metadata.start()
+        await self._start_nfs()
         self._renewal = asyncio.create_task(self._renew_daily(), name="pki-renewal")
+
+    def _documents(self) -> PkiDocumentSource:
+        m = self.lab.metadata
+        return PkiDocumentSource(
+            self.pki, UserDataOptions(m.ssh_authorized_keys, m.disable_firewalld, m.prefer_fqdn)
+        )
+
+    async def _start_nfs(self) -> None:
+        nfs = self.lab.nfs
+        if not nfs.enabled or not nfs.exports:
+            self.nfs_note = "disabled in the config"
+            return
+        if shutil.which(ganesha.GANESHA_BINARY) is None:
+            self.nfs_note = "nfs-ganesha is not installed"
+            log.warning("NFS not served: %s", self.nfs_note)
+            return
+        change = await asyncio.to_thread(self._write_nfs_files)
+        if self.nfs is None:
+            terminate_stale(self.ganesha_paths.pid, str(self.ganesha_paths.conf))
+            self.nfs = Child(ganesha.ganesha_child(self.lab, self.ganesha_paths))
+            self.nfs.start()
+        elif change is ganesha.Change.RESTART:
+            self.nfs.spec = ganesha.ganesha_child(self.lab, self.ganesha_paths)
+            await self.nfs.restart()
+        elif change is ganesha.Change.RELOAD:
+            self.nfs.reload()
+        self.nfs_note = ", ".join(str(e.pseudo) for e in self.lab.nfs.exports)
+
+    def _write_nfs_files(self) -> ganesha.Change:
+        exports = resolve_exports(self.lab.nfs.exports, PurePosixPath(self.state_dir))
+        ganesha.ensure_export_dirs(exports, self.state_dir / "nfs")
+        files = ganesha.build_ganesha_files(self.lab, exports, self.ganesha_paths)
+        return ganesha.write_ganesha_files(self.ganesha_paths, files)
 
     async def ensure_certificates(self) -> list[str]:
         changes = await asyncio.to_thread(self.pki.ensure)
@@ -109,13 +156,20 @@ class HostServices:
         await self.ensure_certificates()
         change = await self._write_dnsmasq_files()
         await asyncio.to_thread(apply_dns_redirect, lab)
-        if self.dnsmasq is None:
-            return
-        if change is Change.RESTART or self.dnsmasq.spec != dnsmasq_child(lab, self.dnsmasq_paths):
-            self.dnsmasq.spec = dnsmasq_child(lab, self.dnsmasq_paths)
-            await self.dnsmasq.restart()
-        elif change is Change.RELOAD:
-            self.dnsmasq.reload()
+        if self.dnsmasq is not None:
+            if change is Change.RESTART or self.dnsmasq.spec != dnsmasq_child(
+                lab, self.dnsmasq_paths
+            ):
+                self.dnsmasq.spec = dnsmasq_child(lab, self.dnsmasq_paths)
+                await self.dnsmasq.restart()
+            elif change is Change.RELOAD:
+                self.dnsmasq.reload()
+        if self.metadata is not None:
+            await self.metadata.update(lab, self._documents())
+        if self.nfs is not None and (not lab.nfs.enabled or not lab.nfs.exports):
+            await self.nfs.stop()
+            self.nfs = None
+        await self._start_nfs()
 
     async def namespace_recreated(self) -> None:
         """The services namespace was deleted and made anew: our redirect
@@ -123,6 +177,10 @@ class HostServices:
         await asyncio.to_thread(apply_dns_redirect, self.lab)
         if self.dnsmasq is not None:
             await self.dnsmasq.restart()
+        if self.metadata is not None:
+            await self.metadata.restart()
+        if self.nfs is not None:
+            await self.nfs.restart()
 
     async def stop(self) -> None:
         if self._renewal is not None:
@@ -133,6 +191,10 @@ class HostServices:
             await self.watcher.stop()
         if self.dnsmasq is not None:
             await self.dnsmasq.stop()
+        if self.metadata is not None:
+            await self.metadata.stop()
+        if self.nfs is not None:
+            await self.nfs.stop()
 
     # -- observation ---------------------------------------------------
 
@@ -168,7 +230,33 @@ class HostServices:
                     "last_error": st.last_error or "",
                     "address": str(self.lab.services.address),
                     "ports": f"53/udp+tcp, {self.lab.services.dns_port} (redirected), 67/udp",
-                    "upstreams": self.upstream_note,
+                    "note": f"upstream resolvers {self.upstream_note}",
                 }
             )
+        if self.metadata is not None:
+            out.append(
+                {
+                    "name": "cloud-init metadata",
+                    "state": "running" if self.metadata.running else "stopped",
+                    "pid": os.getpid(),
+                    "restarts": 0,
+                    "last_error": "",
+                    "address": str(self.lab.services.address),
+                    "ports": f"{self.lab.metadata.port}/tcp",
+                    "note": self.metadata.url,
+                }
+            )
+        nfs = self.nfs.status() if self.nfs is not None else None
+        out.append(
+            {
+                "name": "nfs-ganesha",
+                "state": nfs.state.value if nfs else "off",
+                "pid": (nfs.pid or 0) if nfs else 0,
+                "restarts": nfs.restarts if nfs else 0,
+                "last_error": (nfs.last_error or "") if nfs else "",
+                "address": str(self.lab.services.address),
+                "ports": "2049/tcp (NFSv4)",
+                "note": self.nfs_note,
+            }
+        )
         return out

@@ -11,6 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv4Interface, IPv4Network
 
+from qvmd.services.nfs_exports import NfsSettings
+
 DEFAULT_STATE_DIR = "/var/lib/qvmd"
 DEFAULT_CONFIG_PATH = "/etc/qvmd/qvmd.toml"
 DEFAULT_SERVICES_NETNS = "qvm-services"
@@ -65,6 +67,18 @@ class DnsSettings:
 
 
 @dataclass(frozen=True)
+class MetadataSettings:
+    """cloud-init NoCloud over HTTP on the services address."""
+
+    enabled: bool = True
+    port: int = 80
+    ssh_authorized_keys: tuple[str, ...] = ()
+    # The user's notes disable firewalld in guests (it interferes with k8s).
+    disable_firewalld: bool = False
+    prefer_fqdn: bool = True
+
+
+@dataclass(frozen=True)
 class Lab:
     bridge: str
     gateway: IPv4Interface
@@ -75,6 +89,8 @@ class Lab:
     guests: tuple[Guest, ...] = field(default_factory=tuple)
     pki: PkiSettings = field(default_factory=PkiSettings)
     dns: DnsSettings = field(default_factory=DnsSettings)
+    metadata: MetadataSettings = field(default_factory=MetadataSettings)
+    nfs: NfsSettings = field(default_factory=NfsSettings)
 
     @property
     def subnet(self) -> IPv4Network:
