@@ -459,3 +459,29 @@ def test_dhcp_dns_through_the_daemon(
             assert any(le["guest"] == "cp" and le["ip"] == "10.42.0.10" for le in leases), leases
         finally:
             nsrun(lab.netns, "ip", "link", "del", "gtest0", check=False)
+
+
+def test_guest_table_qemu_args_and_setup(
+    lab: Qvmd, system_bus: str, bus_users: busenv.TestUsers
+) -> None:
+    user = bus_users.outsider
+    args = qvmctl(user, system_bus, "qemu-args", "cp")
+    assert args.returncode == 0, args.stderr
+    assert "-netdev tap,id=net0,ifname=qvm0tap0,script=no,downscript=no" in args.stdout
+    assert "mac=52:54:0a:2a:00:0a" in args.stdout
+    assert "ds=nocloud;s=http://10.42.0.2/nocloud/;dsmode=net" in args.stdout
+    missing = qvmctl(user, system_bus, "qemu-args", "nope")
+    assert missing.returncode == 4 and "no guest named 'nope'" in missing.stderr
+    guests = json.loads(qvmctl(user, system_bus, "--json", "guest", "list").stdout)
+    assert [(g["name"], g["ip"], g["tap"]) for g in guests] == [
+        ("cp", "10.42.0.10", "qvm0tap0"),
+        ("wk-1", "10.42.0.11", "qvm0tap1"),
+        ("wk-2", "10.42.0.12", "qvm0tap2"),
+    ]
+    assert all(g["cert_days_left"] >= 396 for g in guests)
+    setup = qvmctl(user, system_bus, "guest-setup", "wk-1")
+    assert "ipv4.addresses 10.42.0.11/24" in setup.stdout and "ipv4.dns 10.42.0.2" in setup.stdout
+    status = qvmctl(user, system_bus, "status")
+    for service in ("dnsmasq", "cloud-init metadata", "nfs-ganesha"):
+        line = next((ln for ln in status.stdout.splitlines() if ln.startswith(service)), "")
+        assert "running" in line, status.stdout

@@ -11,6 +11,7 @@ import argparse
 import asyncio
 import json
 import os
+import shlex
 import sys
 from typing import Any
 
@@ -76,6 +77,13 @@ def build_parser() -> argparse.ArgumentParser:
     frm.add_argument("host_port", type=port_number)
     fsub.add_parser("list", help="all forwards")
     sub.add_parser("doctor", help="check what stops the lab from working, and say how to fix it")
+    guest = sub.add_parser("guest", help="the lab's guests")
+    gsub = guest.add_subparsers(dest="guest_command", required=True, metavar="ACTION")
+    gsub.add_parser("list", help="name, FQDN, IP, MAC, TAP, lease, certificate")
+    qa = sub.add_parser("qemu-args", help="the QEMU network arguments for a guest")
+    qa.add_argument("guest")
+    gs = sub.add_parser("guest-setup", help="nmcli commands for a guest without cloud-init")
+    gs.add_argument("guest")
     lease = sub.add_parser("lease", help="DHCP leases")
     lsub = lease.add_subparsers(dest="lease_command", required=True, metavar="ACTION")
     lsub.add_parser("list", help="MAC, IP, hostname, expiry, guest")
@@ -192,6 +200,22 @@ def render_status(st: dict[str, Any]) -> str:
             ],
         ),
         "",
+        render(
+            ["SERVICE", "STATE", "PID", "RESTARTS", "ADDRESS", "PORTS", "NOTE"],
+            [
+                [
+                    s["name"],
+                    s["state"],
+                    s["pid"] or "-",
+                    s["restarts"],
+                    s["address"],
+                    s["ports"],
+                    s["last_error"] or s["note"],
+                ]
+                for s in st["host_services"]
+            ],
+        ),
+        "",
         f"self-heal: {heal['passes']} passes, {heal['repairs']} repairs, {heal['errors']} errors",
     ]
     out += [f"  {line}" for line in heal["last"][-5:]]
@@ -217,6 +241,15 @@ async def run(args: argparse.Namespace) -> str:
         return await run_ca(args, addr)
     if cmd == "forward":
         return await run_forward(args, addr)
+    if cmd == "qemu-args":
+        argv = await call(addr, "QemuArgs", "s", [args.guest])
+        # One line a shell can take as is: the SMBIOS serial holds a ';'.
+        return json.dumps(argv) if args.json else shlex.join(argv)
+    if cmd == "guest-setup":
+        script = await call(addr, "GuestSetup", "s", [args.guest])
+        return json.dumps(script) if args.json else str(script).rstrip("\n")
+    if cmd == "guest":
+        return await run_guests(args, addr)
     if cmd == "doctor":
         findings = await call(addr, "Doctor")
         if args.json:
@@ -229,6 +262,31 @@ async def run(args: argparse.Namespace) -> str:
         return "\n".join(lines)
     leases = await call(addr, "ListLeases")
     return json.dumps(leases, indent=2) if args.json else render_leases(leases)
+
+
+async def run_guests(args: argparse.Namespace, addr: str | None) -> str:
+    from qvmd.table import render
+
+    guests = await call(addr, "ListGuests")
+    if args.json:
+        return json.dumps(guests, indent=2)
+    rows = [
+        [
+            g["name"],
+            g["fqdn"],
+            g["ip"],
+            g["mac"],
+            g["tap"],
+            _id(g["tap_owner"]),
+            g["tap_state"],
+            g["lease_ip"] or "-",
+            g["cert_days_left"] if g["cert_days_left"] >= 0 else "-",
+        ]
+        for g in guests
+    ]
+    return render(
+        ["GUEST", "FQDN", "IP", "MAC", "TAP", "OWNER", "TAP STATE", "LEASE", "CERT DAYS"], rows
+    )
 
 
 async def run_forward(args: argparse.Namespace, addr: str | None) -> str:

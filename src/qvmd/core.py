@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -21,7 +21,7 @@ from qvmd.config import check_subnet_free, load_config
 from qvmd.firewall.service import FirewallService, default_route_dev, forward_dict
 from qvmd.healer import Healer
 from qvmd.hostservices import HostServices
-from qvmd.links import main_routes
+from qvmd.links import lookup, main_routes
 from qvmd.model import Lab
 from qvmd.plane import NetworkPlane, TapStatus
 from qvmd.services.supervisor import terminate_stale
@@ -67,6 +67,10 @@ class Core:
         self.listeners = Listeners()
         self.lab_up = False
         self.started_at = time.time()
+        # Called with the bridge's ifindex whenever it is (re)created: the
+        # bus side registers it with systemd-resolved.
+        self.bridge_hooks: list[Callable[[int], Awaitable[None]]] = []
+        self.host_resolution: Callable[[], str] = lambda: "no system bus (started with --no-bus)"
 
     # -- lifecycle -----------------------------------------------------
 
@@ -82,6 +86,7 @@ class Core:
         for change in await self.firewall.ensure(self.lab, bridge_created=True):
             log.info("firewall: %s", change)
         await self.services.start()
+        await self._bridge_created()
         self.lab_up = True
         self._start_monitors()
         self.healer.start()
@@ -91,6 +96,8 @@ class Core:
         changes = await self.plane.reconcile()
         bridge_created = any(c.startswith("created bridge") for c in changes)
         changes += await self.firewall.ensure(self.lab, bridge_created)
+        if bridge_created:
+            await self._bridge_created()
         if any(c.startswith("created namespace") for c in changes):
             await self.services.namespace_recreated()
             changes.append("restarted host services in the new services namespace")
@@ -112,6 +119,12 @@ class Core:
             )
             svc.start()
             self.monitors.append(svc)
+
+    async def _bridge_created(self) -> None:
+        bridge = await self.plane.main.run(lookup, self.lab.bridge)
+        if bridge is not None:
+            for hook in self.bridge_hooks:
+                await hook(bridge.index)
 
     def is_ours(self, name: str) -> bool:
         lab = self.lab
@@ -207,8 +220,54 @@ class Core:
 
     async def doctor(self) -> list[dict[str, str]]:
         uplink = default_route_dev(await self.plane.main.run(main_routes))
-        findings = await self.firewall.doctor(self.lab, uplink)
-        return [{"severity": f.severity, "summary": f.summary, "fix": f.fix} for f in findings]
+        findings = [
+            {"severity": f.severity, "summary": f.summary, "fix": f.fix}
+            for f in await self.firewall.doctor(self.lab, uplink)
+        ]
+        resolution = self.host_resolution()
+        if not resolution.startswith("registered"):
+            lab = self.lab
+            g = lab.guests[0] if lab.guests else None
+            findings.append(
+                {
+                    "severity": "warning",
+                    "summary": f"The host cannot resolve *.{lab.domain} names ({resolution}).",
+                    "fix": f"send {lab.domain} to {lab.services.address}: with systemd-resolved "
+                    f"running qvmd does it itself; with dnsmasq or NetworkManager's dnsmasq add "
+                    f"server=/{lab.domain}/{lab.services.address}; or list the guests in /etc/hosts"
+                    + (f" ({g.ip} {g.fqdn} ...)" if g else ""),
+                }
+            )
+        return findings
+
+    async def guests(self) -> list[dict[str, Any]]:
+        """The user's guest table, live: TAP state, lease, certificate."""
+        taps = {t.name: t for t in await self.plane.taps()}
+        leases = {le["guest"]: le for le in self.services.leases() if le["guest"]}
+        certs = {c["guest"]: c for c in await self.certs.list() if c["guest"]}
+        rows = []
+        for g in self.lab.guests:
+            tap = taps.get(g.tap)
+            lease = leases.get(g.name)
+            cert = certs.get(g.name)
+            rows.append(
+                {
+                    "name": g.name,
+                    "fqdn": g.fqdn,
+                    "ip": str(g.ip),
+                    "mac": g.mac,
+                    "tap": g.tap,
+                    "tap_owner": -1 if tap is None or tap.uid is None else tap.uid,
+                    "tap_state": "missing"
+                    if tap is None
+                    else ("in use" if tap.carrier else "idle"),
+                    "lease_ip": lease["ip"] if lease else "",
+                    "lease_expiry": lease["expiry"] if lease else 0,
+                    "cert_days_left": cert["days_left"] if cert else -1,
+                    "cert_not_after": cert["not_after"] if cert else "",
+                }
+            )
+        return rows
 
     async def list_taps(self) -> list[TapStatus]:
         return await self.plane.taps()

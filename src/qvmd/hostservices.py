@@ -187,14 +187,19 @@ class HostServices:
             self._renewal.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._renewal
-        if self.watcher is not None:
-            await self.watcher.stop()
-        if self.dnsmasq is not None:
-            await self.dnsmasq.stop()
-        if self.metadata is not None:
-            await self.metadata.stop()
-        if self.nfs is not None:
-            await self.nfs.stop()
+        # Forget each part once stopped: start() after stop() (qvmctl down,
+        # then up) must make fresh ones.
+        watcher, self.watcher = self.watcher, None
+        if watcher is not None:
+            await watcher.stop()
+        for child in (self.dnsmasq, self.nfs):
+            if child is not None:
+                await child.stop()
+        self.dnsmasq = self.nfs = None
+        metadata, self.metadata = self.metadata, None
+        if metadata is not None:
+            await metadata.stop()
+        self._renewal = None
 
     # -- observation ---------------------------------------------------
 

@@ -13,6 +13,7 @@ from qvmd.bus.service import PUBLIC, CallContext, Interface, Method, Property, S
 from qvmd.bus.variants import read_options, to_vardict
 from qvmd.core import Core
 from qvmd.errors import InvalidArgument
+from qvmd.guestsetup import guest_qemu_args, nmcli_setup
 from qvmd.model import Lab
 from qvmd.plane import TapStatus
 from qvmd.taps import Caller
@@ -124,6 +125,15 @@ def build_interface(core: Core) -> Interface:
     async def doctor(ctx: CallContext) -> list[dict[str, Any]]:
         return [to_vardict(f) for f in await core.doctor()]
 
+    async def list_guests(ctx: CallContext) -> list[dict[str, Any]]:
+        return [to_vardict(g) for g in await core.guests()]
+
+    async def qemu_args(ctx: CallContext, guest: str) -> list[str]:
+        return guest_qemu_args(core.lab, guest)
+
+    async def guest_setup(ctx: CallContext, guest: str) -> str:
+        return nmcli_setup(core.lab, guest)
+
     async def list_leases(ctx: CallContext) -> list[dict[str, Any]]:
         return [to_vardict(lease) for lease in core.services.leases()]
 
@@ -175,6 +185,9 @@ def build_interface(core: Core) -> Interface:
             ),
             Method("ListForwards", (), (("forwards", "aa{sv}"),), PUBLIC, list_forwards),
             Method("Doctor", (), (("findings", "aa{sv}"),), PUBLIC, doctor),
+            Method("ListGuests", (), (("guests", "aa{sv}"),), PUBLIC, list_guests),
+            Method("QemuArgs", (("guest", "s"),), (("args", "as"),), PUBLIC, qemu_args),
+            Method("GuestSetup", (("guest", "s"),), (("script", "s"),), PUBLIC, guest_setup),
         ],
         signals=[
             Signal("TapAdded", (("name", "s"), ("uid", "u"))),

@@ -10,6 +10,7 @@ from dbus_fast.constants import NameFlag
 
 from qvmd.bus.api import ADMIN_ACTION, BUS_NAME, OBJECT_PATH, build_interface
 from qvmd.bus.polkit import Authority
+from qvmd.bus.resolved import ResolvedRegistration
 from qvmd.bus.service import BusService, install_backpressure
 from qvmd.core import Core
 from qvmd.errors import Failed
@@ -48,6 +49,13 @@ class BusServer:
                 "LeaseChanged", c.kind, c.lease.mac, str(c.lease.ip), c.lease.hostname or ""
             )
         )
+        if self.core.sandbox is None:
+            resolved = ResolvedRegistration(self.bus)
+            self.core.bridge_hooks.append(lambda index: resolved.register(self.core.lab, index))
+            self.core.host_resolution = lambda: resolved.state
+        else:
+            # The host's resolved cannot see links inside our namespace.
+            self.core.host_resolution = lambda: f"qvmd runs sandboxed in {self.core.sandbox}"
         listeners.lab_changed.append(
             lambda: svc.properties_changed("Bridge", "Gateway", "Domain", "LabUp")
         )
