@@ -33,3 +33,46 @@ demo: venv
 
 clean:
 	rm -rf $(VENV) build *.egg-info src/*.egg-info .mypy_cache .ruff_cache .pytest_cache
+
+# --- installing on a real host -------------------------------------------
+# Binaries under PREFIX; D-Bus and polkit only read /usr/share and /etc, so
+# those files go there whatever PREFIX is. DESTDIR stages everything.
+LIBDIR ?= $(PREFIX)/lib/qvmd
+BINDIR ?= $(PREFIX)/bin
+UNITDIR ?= $(PREFIX)/lib/systemd/system
+SYSDATADIR ?= /usr/share
+SYSUSERSDIR ?= $(PREFIX)/lib/sysusers.d
+TMPFILESDIR ?= $(PREFIX)/lib/tmpfiles.d
+DATA_FILES := \
+	data/dbus/org.qvm.Net.conf:$(SYSDATADIR)/dbus-1/system.d/org.qvm.Net.conf \
+	data/dbus/org.qvm.Net.service:$(SYSDATADIR)/dbus-1/system-services/org.qvm.Net.service \
+	data/dbus/org.qvm.Net.xml:$(SYSDATADIR)/dbus-1/interfaces/org.qvm.Net.xml \
+	data/polkit/org.qvm.Net.policy:$(SYSDATADIR)/polkit-1/actions/org.qvm.Net.policy \
+	data/polkit/50-org.qvm.Net.rules:$(SYSDATADIR)/polkit-1/rules.d/50-org.qvm.Net.rules \
+	data/sysusers/qvmd.conf:$(SYSUSERSDIR)/qvmd.conf \
+	data/tmpfiles/qvmd.conf:$(TMPFILESDIR)/qvmd.conf \
+	data/completion/qvmctl.bash:$(SYSDATADIR)/bash-completion/completions/qvmctl
+
+.PHONY: install uninstall
+install: deps
+	$(PYTHON) -m venv --system-site-packages $(DESTDIR)$(LIBDIR)
+	$(DESTDIR)$(LIBDIR)/bin/pip install -q --upgrade pip
+	$(DESTDIR)$(LIBDIR)/bin/pip install -q .
+	# The venv was built under DESTDIR; its scripts must name the final path.
+	if [ -n "$(DESTDIR)" ]; then \
+	  grep -l '^#!$(DESTDIR)' $(DESTDIR)$(LIBDIR)/bin/* | xargs sed -i '1s|^#!$(DESTDIR)|#!|'; \
+	  sed -i 's|$(DESTDIR)||g' $(DESTDIR)$(LIBDIR)/pyvenv.cfg; fi
+	install -d $(DESTDIR)$(BINDIR)
+	ln -sf $(LIBDIR)/bin/qvmd $(DESTDIR)$(BINDIR)/qvmd
+	ln -sf $(LIBDIR)/bin/qvmctl $(DESTDIR)$(BINDIR)/qvmctl
+	sed 's|^ExecStart=/usr/bin/qvmd|ExecStart=$(BINDIR)/qvmd|' data/systemd/qvmd.service \
+	  | install -D -m 0644 /dev/stdin $(DESTDIR)$(UNITDIR)/qvmd.service
+	for pair in $(DATA_FILES); do \
+	  install -D -m 0644 "$${pair%%:*}" "$(DESTDIR)$${pair#*:}"; done
+	@echo "installed; then: systemd-sysusers qvmd.conf && systemd-tmpfiles --create qvmd.conf && systemctl daemon-reload && systemctl enable --now qvmd"
+
+uninstall:
+	rm -f $(DESTDIR)$(BINDIR)/qvmd $(DESTDIR)$(BINDIR)/qvmctl $(DESTDIR)$(UNITDIR)/qvmd.service
+	for pair in $(DATA_FILES); do rm -f "$(DESTDIR)$${pair#*:}"; done
+	rm -rf $(DESTDIR)$(LIBDIR)
+	@echo "state in /var/lib/qvmd and config in /etc/qvmd are kept; remove them by hand"

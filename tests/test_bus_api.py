@@ -231,7 +231,10 @@ def test_status_and_properties(lab: Qvmd, system_bus: str, bus_users: busenv.Tes
     assert prop.stdout.strip() == 's "10.42.0.1/24"'
 
 
-def test_watchdog_pings_arrive(lab: Qvmd) -> None:
+def test_sd_notify_ready_status_watchdog(lab: Qvmd) -> None:
+    ready = lab.wait_for("READY", "1", timeout=1)
+    assert ready["STATUS"] == "lab qvm0 up"
+    assert lab.wait_for("STATUS", "bringing the lab up", timeout=1)
     lab.wait_for("WATCHDOG", "1", timeout=5)
 
 

@@ -70,14 +70,14 @@ ACTIONS = [
     "org.qvm.Net.manage-forwards",
     "org.qvm.Net.issue-certificates",
     "org.qvm.Net.manage-lab",
-    "org.qvm.Net.read-status",
 ]
 USER_ACTIONS = {
     "org.qvm.Net.manage-taps",
     "org.qvm.Net.manage-forwards",
     "org.qvm.Net.issue-certificates",
 }
-OPEN_ACTIONS = {"org.qvm.Net.read-status"}
+# Reading is open without polkit (the daemon's PUBLIC methods): no action.
+OPEN_ACTIONS: set[str] = set()
 
 # The documented policy (docs/polkit.md).  root: polkitd itself authorizes
 # uid 0 for every action (it special-cases root before looking at rules or
@@ -484,7 +484,7 @@ def test_subject_gone_is_not_authorized(bus_address: str, polkitd: busenv.Polkit
         bus = await _connect(bus_address)
         try:
             with pytest.raises(Failed):
-                await Authority(bus).check(":1.999999", "org.qvm.Net.read-status")
+                await Authority(bus).check(":1.999999", "org.qvm.Net.manage-taps")
         finally:
             bus.disconnect()
 
@@ -561,7 +561,7 @@ def test_no_polkitd_means_failed() -> None:
                 t0 = time.monotonic()
                 with pytest.raises(Failed, match="authorization service unavailable"):
                     await Authority(bus, timeout=5).check(
-                        bus.unique_name or "", "org.qvm.Net.read-status"
+                        bus.unique_name or "", "org.qvm.Net.manage-taps"
                     )
                 assert time.monotonic() - t0 < 2  # an error reply, not a timeout
             finally:

@@ -169,7 +169,6 @@ def test_polkit_policy_actions_and_defaults() -> None:
         "org.qvm.Net.manage-lab": admin,
         "org.qvm.Net.manage-forwards": admin,
         "org.qvm.Net.issue-certificates": admin,
-        "org.qvm.Net.read-status": ("yes", "yes", "yes"),
     }
     rules = busenv.OUR_POLKIT_RULES.read_text()
     granted = set(re.findall(r'action\.id == "([^"]+)"', rules))
