@@ -151,6 +151,17 @@ INVALID = [
         "already used",
     ),
     ({"domain": "-bad.lan"}, "domain", "not a valid DNS label"),
+    ({"pki": {"key_type": "dsa"}}, "pki.key_type", "not 'ec' or 'rsa'"),
+    ({"pki": {"lifetime_days": 0}}, "pki.lifetime_days", "between 1 and 825"),
+    ({"pki": {"renew_days": 400}}, "pki.renew_days", "below the lifetime"),
+    ({"pki": {"colour": 1}}, "pki.colour", "unknown key"),
+    ({"dns": {"upstreams": ["8.8.8.300"]}}, "dns.upstreams[0]", "not an IPv4"),
+    ({"dns": {"upstreams": [53]}}, "dns.upstreams[0]", "must be a string"),
+    ({"dns": {"lease_seconds": 10}}, "dns.lease_seconds", "between 120"),
+    ({"metadata": {"port": 0}}, "metadata.port", "not a port"),
+    ({"metadata": {"ssh_authorized_keys": ["not a key"]}}, "metadata.ssh_authorized_keys", ""),
+    ({"metadata": {"enabled": "yes"}}, "metadata.enabled", "must be a boolean"),
+    ({"nfs": {"bogus": 1}}, "nfs.bogus", "unknown"),
 ]
 
 
@@ -165,6 +176,24 @@ def test_invalid_config_names_key_and_reason(
     assert info.value.key == key, str(info.value)
     assert reason in str(info.value)
     assert str(info.value).startswith(f"{key}: ")
+
+
+@pytest.mark.parametrize(
+    ("path", "reason"),
+    [
+        ("/etc", "would export '/etc'"),
+        ("/var/lib/qvmd", "the CA key"),
+        ("/", "would export"),
+        ("/var/lib/qvmd/nfs", "share root"),
+    ],
+)
+def test_nfs_export_paths_checked_against_the_state_dir(path: str, reason: str) -> None:
+    from qvmd.config import check_state_dependent
+
+    lab = parse_config({"nfs": {"exports": [{"name": "x", "path": path}]}})
+    with pytest.raises(ConfigError, match=reason) as info:
+        check_state_dependent(lab, "/var/lib/qvmd")
+    assert info.value.key == "nfs.exports[0].path"
 
 
 def test_load_missing_default_uses_embedded(tmp_path: Path) -> None:

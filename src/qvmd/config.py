@@ -10,6 +10,7 @@ reason. Unknown keys are errors, so a typo never silently does nothing.
 from __future__ import annotations
 
 import grp
+import os
 import pwd
 import re
 import tomllib
@@ -22,7 +23,7 @@ from ipaddress import (
     IPv4Network,
     NetmaskValueError,
 )
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any, TypeVar
 
 from qvmd.errors import ConfigError, InvalidArgument
@@ -40,7 +41,7 @@ from qvmd.model import (
     derive_mac,
 )
 from qvmd.names import validate_domain, validate_ifname, validate_label, validate_mac
-from qvmd.services.nfs_exports import parse_nfs_table
+from qvmd.services.nfs_exports import parse_nfs_table, resolve_export_path
 
 T = TypeVar("T")
 
@@ -411,6 +412,17 @@ def load_config(path: str | None, default_path: str, sandbox: str | None = None)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError("", f"{target}: {exc}") from None
     return LoadedConfig(parse_config(data, sandbox), str(target))
+
+
+def check_state_dependent(lab: Lab, state_dir: str) -> None:
+    """Checks that need the state directory: NFS export paths (relative ones
+    live under it, and it must never be exported itself: it holds the CA key)."""
+    base = PurePosixPath(os.path.abspath(state_dir))
+    for i, export in enumerate(lab.nfs.exports):
+        try:
+            resolve_export_path(export.path, base)
+        except InvalidArgument as exc:
+            raise ConfigError(f"nfs.exports[{i}].path", str(exc)) from None
 
 
 def check_subnet_free(lab: Lab, routes: Iterable[tuple[IPv4Network, str]]) -> None:

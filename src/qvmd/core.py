@@ -17,7 +17,7 @@ from typing import Any
 
 from qvmd import monitor
 from qvmd.certs import CertService
-from qvmd.config import check_subnet_free, load_config
+from qvmd.config import check_state_dependent, check_subnet_free, load_config
 from qvmd.firewall.service import FirewallService, default_route_dev, forward_dict
 from qvmd.healer import Healer
 from qvmd.hostservices import HostServices
@@ -29,6 +29,8 @@ from qvmd.state import StateStore
 from qvmd.taps import Caller, TapManager, TapResult
 
 log = logging.getLogger(__name__)
+
+PERIODIC_CHECK_SECONDS = 30.0
 
 
 @dataclass
@@ -70,6 +72,9 @@ class Core:
         # Called with the bridge's ifindex whenever it is (re)created: the
         # bus side registers it with systemd-resolved.
         self.bridge_hooks: list[Callable[[int], Awaitable[None]]] = []
+        # Called before the lab is torn down (firewalld binding, ...).
+        self.teardown_hooks: list[Callable[[], Awaitable[None]]] = []
+        self._periodic: asyncio.Task[None] | None = None
         self.host_resolution: Callable[[], str] = lambda: "no system bus (started with --no-bus)"
 
     # -- lifecycle -----------------------------------------------------
@@ -90,7 +95,15 @@ class Core:
         self.lab_up = True
         self._start_monitors()
         self.healer.start()
+        self._periodic = asyncio.create_task(self._periodic_check(), name="periodic-check")
         return changes
+
+    async def _periodic_check(self) -> None:
+        # Some drift sends no event (net.ipv4.ip_forward, a TAP's owner):
+        # a full pass now and then catches it; it costs a few milliseconds.
+        while True:
+            await asyncio.sleep(PERIODIC_CHECK_SECONDS)
+            self.healer.wake("periodic check")
 
     async def _heal(self) -> list[str]:
         changes = await self.plane.reconcile()
@@ -133,6 +146,9 @@ class Core:
         )
 
     async def stop(self) -> None:
+        if self._periodic is not None:
+            self._periodic.cancel()
+            self._periodic = None
         await self.healer.stop()
         for m in self.monitors:
             m.stop()
@@ -141,6 +157,8 @@ class Core:
 
     async def teardown(self) -> list[str]:
         """Remove the lab, including a dnsmasq a killed qvmd left behind."""
+        for hook in self.teardown_hooks:
+            await hook()
         paths = self.services.dnsmasq_paths
         terminate_stale(paths.pid, str(paths.conf))
         changes = await self.firewall.teardown()
@@ -170,6 +188,7 @@ class Core:
         """Re-read the config; apply it only if it is entirely valid."""
         loaded = load_config(self.config_path, self.default_config, self.sandbox)
         new = loaded.lab
+        check_state_dependent(new, str(self.plane.store.dir))
         check_subnet_free(new, await self.plane.main.run(main_routes))
         if new == self.lab:
             return await self.plane.reconcile() if self.lab_up else []

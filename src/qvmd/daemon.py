@@ -20,7 +20,7 @@ import sys
 from dataclasses import dataclass
 
 from qvmd import nsutil
-from qvmd.config import load_config, validate_netns_name
+from qvmd.config import check_state_dependent, load_config, validate_netns_name
 from qvmd.core import Core
 from qvmd.errors import ConfigError, InvalidArgument, QvmError
 from qvmd.logsetup import setup_logging
@@ -181,6 +181,7 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(opts.log_level)
     try:
         lab = load_config(opts.config, DEFAULT_CONFIG_PATH, opts.netns).lab
+        check_state_dependent(lab, opts.state_dir)
     except ConfigError as exc:
         log.error("config error: %s", exc)
         return EXIT_CONFIG

@@ -14,6 +14,7 @@ from qvmd.bus.resolved import ResolvedRegistration
 from qvmd.bus.service import BusService, install_backpressure
 from qvmd.core import Core
 from qvmd.errors import Failed
+from qvmd.firewall.firewalld import FirewalldBinding
 
 log = logging.getLogger(__name__)
 
@@ -24,6 +25,7 @@ class BusServer:
         self.address = address
         self.bus = MessageBus(bus_address=address, bus_type=BusType.SYSTEM)
         self.service: BusService | None = None
+        self.firewalld: FirewalldBinding | None = None
 
     async def start(self) -> None:
         try:
@@ -53,6 +55,14 @@ class BusServer:
             resolved = ResolvedRegistration(self.bus)
             self.core.bridge_hooks.append(lambda index: resolved.register(self.core.lab, index))
             self.core.host_resolution = lambda: resolved.state
+            # firewalld (when it runs) must let the lab through: bind the
+            # bridge to a zone like libvirt does; undone by teardown only.
+            firewalld = FirewalldBinding(self.bus, self.core.lab.bridge)
+            self.firewalld = firewalld
+            # start() binds and watches firewalld's reloads; idempotent, so
+            # it also serves `qvmctl up` after a `down` unbound us.
+            self.core.bridge_hooks.append(lambda _index: firewalld.start())
+            self.core.teardown_hooks.append(lambda: firewalld.stop(unbind=True))
         else:
             # The host's resolved cannot see links inside our namespace.
             self.core.host_resolution = lambda: f"qvmd runs sandboxed in {self.core.sandbox}"
@@ -62,6 +72,8 @@ class BusServer:
         log.info("serving %s on %s", BUS_NAME, self.address)
 
     async def stop(self) -> None:
+        if self.firewalld is not None:
+            await self.firewalld.stop(unbind=False)  # a restart adopts the binding
         if self.service is not None:
             for task in list(self.service.tasks):
                 task.cancel()
