@@ -31,6 +31,11 @@ test: lint
 demo: venv
 	$(BIN)/python tools/demo.py
 
+# Medians, p99 and ratios against baselines run in the same process;
+# writes docs/benchmarks.md. `make bench BENCH_ARGS=--quick` for a short run.
+bench: venv
+	$(BIN)/python -m bench.run --write docs/benchmarks.md $(BENCH_ARGS)
+
 clean:
 	rm -rf $(VENV) build *.egg-info src/*.egg-info .mypy_cache .ruff_cache .pytest_cache
 

@@ -8,7 +8,6 @@ diff); parsing of resolv.conf and of the lease file is table-tested.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -35,18 +34,14 @@ from qvmd.services.dnsmasq import (
 from qvmd.services.dnsredirect import build_dns_redirect, redirect_rules
 from qvmd.services.leases import Lease, diff_leases, guest_of, parse_leases
 from qvmd.services.upstreams import choose_upstreams, parse_nameservers, usable_upstreams
+from tests import golden
 
 GOLDEN = Path(__file__).parent / "golden" / "dnsmasq"
 PATHS = DnsmasqPaths(Path("/var/lib/qvmd/dnsmasq"))
 
 
 def check_golden(name: str, text: str) -> None:
-    path = GOLDEN / name
-    if os.environ.get("QVMD_UPDATE_GOLDEN"):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(text)
-    assert path.exists(), f"golden file {path} missing; run with QVMD_UPDATE_GOLDEN=1"
-    assert text == path.read_text(), f"{name} differs from its golden file {path}"
+    golden.check_golden(GOLDEN / name, text)
 
 
 def test_default_lab_files_match_golden() -> None:

@@ -39,6 +39,7 @@ from qvmd.services.nfs_exports import (
     resolve_export_path,
     resolve_exports,
 )
+from tests import golden
 
 GOLDEN = Path(__file__).parent / "golden" / "ganesha"
 STATE = PurePosixPath("/var/lib/qvmd")
@@ -48,12 +49,7 @@ SUBNET = LAB.subnet
 
 
 def check_golden(name: str, text: str) -> None:
-    path = GOLDEN / name
-    if os.environ.get("QVMD_UPDATE_GOLDEN"):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(text)
-    assert path.exists(), f"golden file {path} missing; run with QVMD_UPDATE_GOLDEN=1"
-    assert text == path.read_text(), f"{name} differs from its golden file {path}"
+    golden.check_golden(GOLDEN / name, text)
 
 
 def export(name: str = "lab", export_id: int = 1, **kw: object) -> Export:

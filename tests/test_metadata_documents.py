@@ -9,7 +9,6 @@ separate test feeds real PKI output through and reads it back.
 from __future__ import annotations
 
 import dataclasses
-import os
 from ipaddress import IPv4Address, IPv4Interface
 from pathlib import Path
 from typing import Any
@@ -31,6 +30,7 @@ from qvmd.metadata.documents import (
 from qvmd.metadata.qemu import qemu_args, smbios_serial
 from qvmd.model import Lab, default_lab
 from qvmd.pki.store import LabPki
+from tests import golden
 
 GOLDEN = Path(__file__).parent / "golden" / "metadata"
 
@@ -44,12 +44,7 @@ SSH_KEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIFakeKeyForGoldenFilesOnly0000000
 
 
 def check_golden(name: str, text: str) -> None:
-    path = GOLDEN / name
-    if os.environ.get("QVMD_UPDATE_GOLDEN"):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(text)
-    assert path.exists(), f"golden file {path} missing; run with QVMD_UPDATE_GOLDEN=1"
-    assert text == path.read_text(), f"{name} differs from its golden file {path}"
+    golden.check_golden(GOLDEN / name, text)
 
 
 def load_cloud_config(text: str) -> dict[str, Any]:

@@ -24,8 +24,8 @@ from qvmd.metadata.server import MetadataServer, PkiDocumentSource
 from qvmd.model import Lab
 from qvmd.pki import LabPki
 from qvmd.services import ganesha
+from qvmd.services.conffiles import Change
 from qvmd.services.dnsmasq import (
-    Change,
     DnsmasqPaths,
     build_dnsmasq_files,
     dnsmasq_child,
@@ -107,14 +107,14 @@ class HostServices:
             terminate_stale(self.ganesha_paths.pid, str(self.ganesha_paths.conf))
             self.nfs = Child(ganesha.ganesha_child(self.lab, self.ganesha_paths))
             self.nfs.start()
-        elif change is ganesha.Change.RESTART:
+        elif change is Change.RESTART:
             self.nfs.spec = ganesha.ganesha_child(self.lab, self.ganesha_paths)
             await self.nfs.restart()
-        elif change is ganesha.Change.RELOAD:
+        elif change is Change.RELOAD:
             self.nfs.reload()
         self.nfs_note = ", ".join(str(e.pseudo) for e in self.lab.nfs.exports)
 
-    def _write_nfs_files(self) -> ganesha.Change:
+    def _write_nfs_files(self) -> Change:
         exports = resolve_exports(self.lab.nfs.exports, PurePosixPath(self.state_dir))
         ganesha.ensure_export_dirs(exports, self.state_dir / "nfs")
         files = ganesha.build_ganesha_files(self.lab, exports, self.ganesha_paths)

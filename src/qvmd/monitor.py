@@ -35,20 +35,12 @@ def open_event_socket() -> socket.socket:
     return sock
 
 
-class NetlinkMonitor:
-    def __init__(
-        self,
-        sock: socket.socket,
-        is_ours: Callable[[str], bool],
-        wake: Callable[[str], None],
-        where: str,
-    ) -> None:
+class _EventSocket:
+    """A non-blocking socket read by the event loop until stopped."""
+
+    def __init__(self, sock: socket.socket, wake: Callable[[str], None]) -> None:
         self.sock = sock
-        self.is_ours = is_ours
         self.wake = wake
-        self.where = where
-        self.marshal = MarshalRtnl()
-        self.names: dict[int, str] = {}  # ifindex -> name, learnt from link events
 
     def start(self) -> None:
         asyncio.get_running_loop().add_reader(self.sock.fileno(), self._readable)
@@ -58,6 +50,24 @@ class NetlinkMonitor:
             asyncio.get_running_loop().remove_reader(self.sock.fileno())
         finally:
             self.sock.close()
+
+    def _readable(self) -> None:
+        raise NotImplementedError
+
+
+class NetlinkMonitor(_EventSocket):
+    def __init__(
+        self,
+        sock: socket.socket,
+        is_ours: Callable[[str], bool],
+        wake: Callable[[str], None],
+        where: str,
+    ) -> None:
+        super().__init__(sock, wake)
+        self.is_ours = is_ours
+        self.where = where
+        self.marshal = MarshalRtnl()
+        self.names: dict[int, str] = {}  # ifindex -> name, learnt from link events
 
     def _readable(self) -> None:
         while True:
@@ -110,22 +120,9 @@ def open_nft_event_socket() -> socket.socket:
     return sock
 
 
-class NftMonitor:
+class NftMonitor(_EventSocket):
     """Any ruleset change wakes the healer, which compares our tables with
     what it applied; our own applies wake it too and find nothing to do."""
-
-    def __init__(self, sock: socket.socket, wake: Callable[[str], None]) -> None:
-        self.sock = sock
-        self.wake = wake
-
-    def start(self) -> None:
-        asyncio.get_running_loop().add_reader(self.sock.fileno(), self._readable)
-
-    def stop(self) -> None:
-        try:
-            asyncio.get_running_loop().remove_reader(self.sock.fileno())
-        finally:
-            self.sock.close()
 
     def _readable(self) -> None:
         changed = False

@@ -110,27 +110,3 @@ async def connection_unix_user(
     uid = body[0]
     assert isinstance(uid, int)
     return uid
-
-
-async def connection_pid(bus: MessageBus, sender: str, timeout: float = DEFAULT_TIMEOUT) -> int:
-    """The pid of the process that owns bus connection `sender` (GetConnectionUnixProcessID).
-
-    Only for logs and diagnostics: a pid can be reused, never authorize by it.
-    """
-    body = await call(
-        bus,
-        Message(
-            destination=DBUS_NAME,
-            path=DBUS_PATH,
-            interface=DBUS_INTERFACE,
-            member="GetConnectionUnixProcessID",
-            signature="s",
-            body=[sender],
-        ),
-        timeout,
-        "cannot identify the caller (bus daemon did not answer)",
-        "u",
-    )
-    pid = body[0]
-    assert isinstance(pid, int)
-    return pid

@@ -19,7 +19,6 @@ only the MACs listed in `dhcp-hosts` (see docs/services-dns.md for why).
 
 from __future__ import annotations
 
-import enum
 import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -27,8 +26,9 @@ from ipaddress import IPv4Address, IPv4Network, IPv6Address
 from pathlib import Path
 
 from qvmd.errors import Failed
-from qvmd.fsutil import atomic_write, ensure_dir
+from qvmd.fsutil import ensure_dir
 from qvmd.model import Lab
+from qvmd.services.conffiles import Change, write_changed
 from qvmd.services.supervisor import ChildSpec
 
 DNS_PORT = 53
@@ -86,13 +86,6 @@ class DnsmasqFiles:
     dhcp_hosts: str
     servers: str
 
-
-class Change(enum.Enum):
-    """What the running dnsmasq needs after `write_dnsmasq_files`."""
-
-    NONE = "none"
-    RELOAD = "reload"  # SIGHUP: hosts, dhcp-hosts or servers changed
-    RESTART = "restart"  # the conf file changed; SIGHUP does not re-read it
 
 
 def reverse_zones(subnet: IPv4Network) -> tuple[str, ...]:
@@ -268,20 +261,13 @@ def write_dnsmasq_files(paths: DnsmasqPaths, files: DnsmasqFiles) -> Change:
     """
     check_reachable_by_others(paths.directory)
     ensure_dir(paths.directory, 0o755)
-    change = Change.NONE
-    for path, text, needs in (
-        (paths.hosts, files.hosts, Change.RELOAD),
-        (paths.dhcp_hosts, files.dhcp_hosts, Change.RELOAD),
-        (paths.servers, files.servers, Change.RELOAD),
-        (paths.conf, files.conf, Change.RESTART),
-    ):
-        data = text.encode()
-        try:
-            if path.read_bytes() == data:
-                continue
-        except FileNotFoundError:
-            pass
-        atomic_write(path, data, mode=0o644)
-        if needs is Change.RESTART or change is Change.NONE:
-            change = needs
-    return change
+    # SIGHUP re-reads hosts, dhcp-hosts and servers, not the conf file.
+    return write_changed(
+        (
+            (paths.hosts, files.hosts, Change.RELOAD),
+            (paths.dhcp_hosts, files.dhcp_hosts, Change.RELOAD),
+            (paths.servers, files.servers, Change.RELOAD),
+            (paths.conf, files.conf, Change.RESTART),
+        ),
+        mode=0o644,
+    )

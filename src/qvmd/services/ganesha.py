@@ -37,7 +37,6 @@ Why these settings (docs/nfs.md has the long form):
 from __future__ import annotations
 
 import ctypes
-import enum
 import os
 import sys
 from collections.abc import Sequence
@@ -46,8 +45,9 @@ from ipaddress import IPv4Network
 from pathlib import Path
 
 from qvmd.errors import Failed, InvalidArgument
-from qvmd.fsutil import atomic_write, ensure_dir
+from qvmd.fsutil import ensure_dir
 from qvmd.model import Lab
+from qvmd.services.conffiles import Change, write_changed
 from qvmd.services.nfs_exports import Export, check_exports
 from qvmd.services.supervisor import ChildSpec
 
@@ -62,13 +62,6 @@ STOP_TIMEOUT = 10.0
 # settings from whoever started qvmd.
 CHILD_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
-
-class Change(enum.Enum):
-    """What the running ganesha needs after `write_ganesha_files`."""
-
-    NONE = "none"
-    RELOAD = "reload"  # SIGHUP: only exports.conf changed
-    RESTART = "restart"  # ganesha.conf changed; SIGHUP does not re-read it
 
 
 @dataclass(frozen=True)
@@ -309,21 +302,11 @@ def write_ganesha_files(paths: GaneshaPaths, files: GaneshaFiles) -> Change:
     ensure_dir(paths.directory, 0o700)
     ensure_dir(paths.recovery, 0o700)
     ensure_dir(paths.ccache, 0o700)
-    change = Change.NONE
-    for path, text, needs in (
-        (paths.exports, files.exports, Change.RELOAD),
-        (paths.conf, files.conf, Change.RESTART),
-    ):
-        data = text.encode()
-        try:
-            if path.read_bytes() == data:
-                continue
-        except FileNotFoundError:
-            pass
-        atomic_write(path, data, mode=0o600)
-        if needs is Change.RESTART or change is Change.NONE:
-            change = needs
-    return change
+    # SIGHUP re-reads exports.conf (it is %included), not ganesha.conf.
+    return write_changed(
+        ((paths.exports, files.exports, Change.RELOAD), (paths.conf, files.conf, Change.RESTART)),
+        mode=0o600,
+    )
 
 
 def ensure_export_dirs(exports: Sequence[Export], share_root: Path) -> list[Path]:
