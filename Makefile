@@ -23,7 +23,7 @@ venv: deps $(BIN)/qvmd
 
 lint: venv
 	$(BIN)/ruff check src tests
-	$(BIN)/mypy src
+	$(BIN)/mypy src tests
 
 test: lint
 	$(BIN)/pytest -q

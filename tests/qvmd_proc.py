@@ -33,7 +33,7 @@ class Qvmd:
         self.services_netns = f"{netns}-svc"
         self.state_dir = state_dir
         self.config = config
-        self.proc: subprocess.Popen[str] | None = None
+        self.proc: subprocess.Popen[bytes] | None = None
         self.notify_path = Path(tempfile.mkdtemp(prefix="qvt-notify-")) / "notify"
         self.notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         self.notify.bind(str(self.notify_path))

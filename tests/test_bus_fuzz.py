@@ -100,7 +100,7 @@ bad_names = st.one_of(
         ]
     ),
     st.text(
-        alphabet=st.characters(blacklist_characters="\x00", blacklist_categories=("Cs",)),
+        alphabet=st.characters(blacklist_characters="\x00", blacklist_categories=["Cs"]),
         max_size=40,
     ),
     st.text(alphabet=string.ascii_letters + string.digits + "/:.-_ \t", max_size=20),
@@ -108,7 +108,7 @@ bad_names = st.one_of(
 
 # D-Bus strings cannot hold NUL (the marshaller and the bus daemon both
 # refuse them), so NUL never reaches qvmd; the strategies leave it out.
-text = st.text(alphabet=st.characters(blacklist_characters="\x00", blacklist_categories=("Cs",)))
+text = st.text(alphabet=st.characters(blacklist_characters="\x00", blacklist_categories=["Cs"]))
 option_values = st.one_of(
     st.builds(lambda s: Variant("s", s), text.filter(lambda t: len(t) <= 8)),
     st.builds(lambda i: Variant("i", i), st.integers(-(2**31), 2**31 - 1)),

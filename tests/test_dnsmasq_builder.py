@@ -19,8 +19,8 @@ import pytest
 
 from qvmd.errors import Failed
 from qvmd.model import Guest, default_lab
+from qvmd.services.conffiles import Change
 from qvmd.services.dnsmasq import (
-    Change,
     DnsmasqFiles,
     DnsmasqPaths,
     build_dnsmasq_conf,

@@ -35,8 +35,8 @@ from typing import Any, TypeVar
 import pytest
 
 from qvmd.model import Guest, Lab, default_lab, derive_mac
+from qvmd.services.conffiles import Change
 from qvmd.services.dnsmasq import (
-    Change,
     DnsmasqPaths,
     build_dnsmasq_files,
     dnsmasq_child,

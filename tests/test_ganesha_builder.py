@@ -18,8 +18,8 @@ import pytest
 from qvmd.errors import ConfigError, Failed, InvalidArgument
 from qvmd.model import default_lab
 from qvmd.services import ganesha
+from qvmd.services.conffiles import Change
 from qvmd.services.ganesha import (
-    Change,
     GaneshaFiles,
     GaneshaPaths,
     build_ganesha_conf,

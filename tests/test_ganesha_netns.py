@@ -37,8 +37,8 @@ from typing import Any, TypeVar
 import pytest
 
 from qvmd.model import Lab, default_lab
+from qvmd.services.conffiles import Change
 from qvmd.services.ganesha import (
-    Change,
     GaneshaPaths,
     build_ganesha_files,
     ensure_export_dirs,
