@@ -1,14 +1,14 @@
 """qvmctl: the unprivileged user's client for org.qvm.Net.
 
-Starts fast: only argparse at import; dbus-fast is imported when a command
-actually talks to the bus. Exit codes: 0 ok, 1 other error (also Busy),
-2 usage or invalid argument, 3 permission denied, 4 not found.
+Starts fast: only argparse at import; asyncio and dbus-fast are imported
+when a command actually talks to the bus (asyncio alone costs ~40 ms).
+Exit codes: 0 ok, 1 other error (also Busy), 2 usage or invalid argument,
+3 permission denied, 4 not found.
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import os
 import shlex
@@ -103,6 +103,8 @@ def port_number(text: str) -> int:
 async def call(
     address: str | None, member: str, signature: str = "", body: list[Any] | None = None
 ) -> Any:
+    import asyncio
+
     from dbus_fast import BusType, Message, MessageType
     from dbus_fast.aio import MessageBus
 
@@ -441,6 +443,8 @@ def render_leases(leases: list[dict[str, Any]]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    import asyncio  # not at the top: --help and usage errors stay fast
+
     try:
         out = asyncio.run(run(args))
     except CliError as exc:
