@@ -70,7 +70,7 @@ install: deps
 	install -d $(DESTDIR)$(BINDIR)
 	ln -sf $(LIBDIR)/bin/qvmd $(DESTDIR)$(BINDIR)/qvmd
 	ln -sf $(LIBDIR)/bin/qvmctl $(DESTDIR)$(BINDIR)/qvmctl
-	sed 's|^ExecStart=/usr/bin/qvmd|ExecStart=$(BINDIR)/qvmd|' data/systemd/qvmd.service \
+	sed -e 's|^ExecStart=/usr/bin/qvmd|ExecStart=$(BINDIR)/qvmd|' -e 's|^ExecStartPre=+/usr/bin/qvmd|ExecStartPre=+$(BINDIR)/qvmd|' data/systemd/qvmd.service \
 	  | install -D -m 0644 /dev/stdin $(DESTDIR)$(UNITDIR)/qvmd.service
 	for pair in $(DATA_FILES); do \
 	  install -D -m 0644 "$${pair%%:*}" "$(DESTDIR)$${pair#*:}"; done

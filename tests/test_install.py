@@ -36,6 +36,7 @@ def test_install_and_uninstall_into_destdir(tmp_path: Path) -> None:
         assert (dest / rel).is_symlink() or (dest / rel).is_file(), rel
     unit = (dest / "usr/local/lib/systemd/system/qvmd.service").read_text()
     assert "ExecStart=/usr/local/bin/qvmd\n" in unit
+    assert "ExecStartPre=+/usr/local/bin/qvmd --prepare-netns\n" in unit
     assert (dest / "usr/local/bin/qvmctl").readlink() == Path("/usr/local/lib/qvmd/bin/qvmctl")
     shebang = (dest / "usr/local/lib/qvmd/bin/qvmctl").read_text().splitlines()[0]
     assert shebang == "#!/usr/local/lib/qvmd/bin/python3"

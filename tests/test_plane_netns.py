@@ -332,3 +332,16 @@ def test_self_heal_recreates_deleted_bridge_and_reenslaves(qvmd: Qvmd) -> None:
     else:
         raise AssertionError(f"bridge not repaired: {sorted(links(qvmd.netns))}")
     nsrun(qvmd.services_netns, "ping", "-c1", "-W2", "10.42.0.1")
+
+
+def test_prepare_netns_creates_only_the_namespaces(qvmd: Qvmd) -> None:
+    """What the unit's ExecStartPre=+ runs: the services namespace made
+    outside the sandbox, then adopted by the daemon."""
+    out = run(qvmd.args("--prepare-netns"), check=False)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert netns_exists(qvmd.services_netns)
+    assert set(links(qvmd.netns)) == {"lo"}  # no link made yet
+    qvmd.start()
+    qvmd.wait_ready()
+    log = qvmd.stop()
+    assert "created namespace" not in log and "created veth" in log

@@ -51,7 +51,10 @@ def _verify(unit_text: str, tmp: Path) -> subprocess.CompletedProcess[str]:
     # file; /usr/bin/qvmd exists only once installed, so the copy points at a
     # binary that exists.  Every other line is verified as shipped.
     path = tmp / "qvmd.service"
-    path.write_text(re.sub(r"(?m)^ExecStart=.*$", f"ExecStart={shutil.which('true')}", unit_text))
+    true = shutil.which("true")
+    path.write_text(
+        re.sub(r"(?m)^(ExecStart(?:Pre)?=\+?)/usr/bin/qvmd\b", rf"\g<1>{true}", unit_text)
+    )
     return subprocess.run(
         ["systemd-analyze", "verify", "--man=no", str(path)],
         capture_output=True,
@@ -104,6 +107,7 @@ def test_unit_declares_what_the_daemon_relies_on(unit_text: str) -> None:
         "Service.NotifyAccess": "main",
         "Service.BusName": "org.qvm.Net",
         "Service.ExecStart": "/usr/bin/qvmd",
+        "Service.ExecStartPre": "+/usr/bin/qvmd --prepare-netns",
         "Service.ExecReload": "kill -HUP $MAINPID",
         "Service.Restart": "on-failure",
         "Service.StateDirectory": "qvmd",

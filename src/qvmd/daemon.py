@@ -40,6 +40,7 @@ class Options:
     netns: str | None
     teardown: bool
     check_config: bool
+    prepare_netns: bool
     log_level: str
     bus: str | None  # None: no D-Bus API at all (debugging, plane-only tests)
 
@@ -56,6 +57,11 @@ def parse_args(argv: list[str] | None = None) -> Options:
     p.add_argument("--netns", metavar="NAME", help="run the whole daemon inside namespace NAME")
     p.add_argument("--teardown", action="store_true", help="remove everything qvmd made, then exit")
     p.add_argument("--check-config", action="store_true", help="validate the config and exit")
+    p.add_argument(
+        "--prepare-netns",
+        action="store_true",
+        help="only create the namespaces (for ExecStartPre=+ outside the unit's sandbox)",
+    )
     p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     p.add_argument(
         "--bus",
@@ -78,7 +84,10 @@ def parse_args(argv: list[str] | None = None) -> Options:
             or os.environ.get("DBUS_SYSTEM_BUS_ADDRESS")
             or ("unix:path=/run/dbus/system_bus_socket")
         )
-    return Options(a.config, a.state_dir, a.netns, a.teardown, a.check_config, a.log_level, bus)
+    return Options(
+        a.config, a.state_dir, a.netns, a.teardown, a.check_config, a.prepare_netns,
+        a.log_level, bus,
+    )
 
 
 class Daemon:
@@ -191,6 +200,15 @@ def main(argv: list[str] | None = None) -> int:
     if os.geteuid() != 0:
         log.error("qvmd must run as root (it creates interfaces and namespaces)")
         return 1
+    if opts.prepare_netns:
+        # Run by systemd outside the unit's private mount namespace: a
+        # /run/netns mount made there is seen by the host (`ip netns exec`)
+        # and outlives a restart of the service, so the services namespace,
+        # veth0 and its address stay while qvmd restarts.
+        for name in filter(None, (opts.netns, lab.services.netns)):
+            if nsutil.create(name):
+                log.info("created namespace %s", name)
+        return 0
     created_ns = False
     if opts.netns:
         if opts.teardown and not nsutil.exists(opts.netns):
