@@ -13,22 +13,36 @@
 - `tun_open_to_users()` makes /dev/net/tun 0666 (a desktop's mode) for as
   long as any test holds it, then restores the original mode.
 
+The whole lab against the real qvmd (tests/e2e/test_lab_e2e.py, tools/demo.py):
+
+- `fake_internet()` a namespace at 203.0.113.1 serving HTTP behind the
+  sandbox's uplink (203.0.113.2, default route), so qvmd masquerades to it.
+- `lab_guests()` the guests as `qvmctl guest list` gives them to the user;
+  `boot_lab_guest()` does what the user does: `qvmctl tap create`, then
+  QEMU with the arguments of `qvmctl --json qemu-args <guest>`.
+- `watch_steps()` follows several guests at once and records when each
+  step appeared (host clock); `curl_as()` the user's curl from the sandbox.
+
 No pytest imports: the end-to-end tests and `make demo` can both use it.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import stat
 import subprocess
+import sys
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from tests import busenv
+from tests.netns import delete_netns, netns_exists
 
 REPO = Path(__file__).resolve().parents[2]
 BUILD_SCRIPT = REPO / "guests" / "tiny" / "build.sh"
@@ -134,6 +148,26 @@ def qemu_argv(
     return argv
 
 
+def qemu_base_argv(image: TinyImage, append: Sequence[str] = (), memory_mb: int = 256) -> list[str]:
+    """QEMU for one tiny guest without any network argument: the caller adds
+    them, e.g. what `qvmctl --json qemu-args <guest>` prints.
+
+    `-global virtio-net-pci.romfile=` does for a NIC defined elsewhere what
+    `romfile=` does in `qemu_argv`: no PXE ROM (package ipxe-qemu) needed.
+    """
+    return [
+        QEMU,
+        "-machine", "q35,accel=tcg",
+        "-m", str(memory_mb),
+        "-nographic",
+        "-no-reboot",
+        "-kernel", str(image.kernel),
+        "-initrd", str(image.initrd),
+        "-append", " ".join((*BASE_APPEND, *append)),
+        "-global", "virtio-net-pci.romfile=",
+    ]  # fmt: skip
+
+
 def boot_tiny(
     netns: str,
     tap: str,
@@ -144,17 +178,26 @@ def boot_tiny(
     log_path: Path,
     image: TinyImage | None = None,
     append: Sequence[str] = (),
+    net_args: Sequence[str] | None = None,
 ) -> subprocess.Popen[bytes]:
     """Start QEMU in `netns` as uid:gid (no supplementary groups).
+
+    `net_args`, when given, replaces the network part (`tap`, `mac` and
+    `seed_url` are then unused): the arguments qvmd hands the user
+    (`qvmctl --json qemu-args <guest>`), taken verbatim.
 
     The returned process is QEMU itself (`ip netns exec` and `setpriv` both
     exec), so terminating it stops the guest. The caller must stop it.
     """
     image = image or build_tiny()
+    if net_args is None:
+        qemu = qemu_argv(image, tap, mac, seed_url, append)
+    else:
+        qemu = [*qemu_base_argv(image, append), *net_args]
     argv = [
         "ip", "netns", "exec", netns,
         "setpriv", f"--reuid={uid}", f"--regid={gid}", "--clear-groups", "--",
-        *qemu_argv(image, tap, mac, seed_url, append),
+        *qemu,
     ]  # fmt: skip
     with open(log_path, "wb") as log:
         return subprocess.Popen(
@@ -263,3 +306,236 @@ def tun_open_to_users() -> Iterator[None]:
     """
     with busenv._shared("dev-net-tun-mode", _open_tun, _restore_tun):
         yield
+
+
+# ---------------------------------------------------------------------------
+# The whole lab: the real qvmd's guests, booted the way its user boots them.
+# Shared by tests/e2e/test_lab_e2e.py and tools/demo.py.
+
+# TEST-NET-3 (RFC 5737): documentation addresses, never routed anywhere real.
+INTERNET_ADDR = "203.0.113.1"
+UPLINK_ADDR = "203.0.113.2"
+INTERNET_PROBE_URL = f"http://{INTERNET_ADDR}/probe"
+UPLINK_DEV = "qvmup0"  # the sandbox's end of the uplink
+INTERNET_DEV = "inet0"  # the internet namespace's end
+LAB_DNS = "10.42.0.2"
+QVMCTL = (sys.executable, "-m", "qvmd.cli")
+
+_HTTP_LOG_RE = re.compile(r'^(\S+) - - \[[^\]]*\] "(\S+) (\S+)[^"]*" (\d+)')
+
+
+def _ip(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(["ip", *args], capture_output=True, text=True, timeout=30, check=check)
+
+
+@dataclass(frozen=True)
+class HttpRequest:
+    client: str
+    method: str
+    path: str
+    status: int
+
+
+@dataclass(frozen=True)
+class Internet:
+    netns: str
+    log_path: Path
+
+    def requests(self) -> list[HttpRequest]:
+        """What the internet's HTTP server saw: client address, path, status."""
+        out = []
+        for line in log_tail(self.log_path, 100000).splitlines():
+            m = _HTTP_LOG_RE.match(line)
+            if m:
+                out.append(HttpRequest(m.group(1), m.group(2), m.group(3), int(m.group(4))))
+        return out
+
+
+@contextmanager
+def fake_internet(sandbox: str, name: str, workdir: Path) -> Iterator[Internet]:
+    """Namespace `name`: 203.0.113.1/24 serving HTTP (`/probe`), linked to
+    `sandbox` by a veth; the sandbox gets 203.0.113.2/24 and its default
+    route through it, so qvmd masquerades the guests' traffic out of it.
+
+    Everything is removed on the way out (also when the sandbox is gone).
+    """
+    docroot = workdir / "www"
+    docroot.mkdir(parents=True, exist_ok=True)
+    (docroot / "index.html").write_text("qvm fake internet\n")
+    (docroot / "probe").write_text("hello from the fake internet\n")
+    log_path = workdir / "internet-http.log"
+    proc: subprocess.Popen[bytes] | None = None
+    _ip("netns", "add", name)
+    try:
+        _ip("-n", name, "link", "set", "lo", "up")
+        _ip("-n", sandbox, "link", "add", UPLINK_DEV, "type", "veth",
+            "peer", "name", INTERNET_DEV, "netns", name)  # fmt: skip
+        _ip("-n", sandbox, "addr", "add", f"{UPLINK_ADDR}/24", "dev", UPLINK_DEV)
+        _ip("-n", sandbox, "link", "set", UPLINK_DEV, "up")
+        _ip("-n", name, "addr", "add", f"{INTERNET_ADDR}/24", "dev", INTERNET_DEV)
+        _ip("-n", name, "link", "set", INTERNET_DEV, "up")
+        _ip("-n", sandbox, "route", "replace", "default", "via", INTERNET_ADDR)
+        with open(log_path, "wb") as log:
+            proc = subprocess.Popen(
+                ["ip", "netns", "exec", name, sys.executable, "-u", "-m", "http.server",
+                 "80", "--bind", INTERNET_ADDR, "--directory", str(docroot)],
+                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )  # fmt: skip
+        probe = f"import socket; socket.create_connection(('{INTERNET_ADDR}', 80), 1).close()"
+        deadline = time.monotonic() + 20
+        while (
+            subprocess.run(
+                ["ip", "netns", "exec", sandbox, sys.executable, "-c", probe],
+                capture_output=True, timeout=10, check=False,
+            ).returncode
+            != 0
+        ):  # fmt: skip
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise TinyGuestError(
+                    f"the internet's HTTP server did not start:\n{log_tail(log_path)}"
+                )
+            time.sleep(0.1)
+        yield Internet(name, log_path)
+    finally:
+        if proc is not None:
+            stop_qemu(proc)  # any process: SIGTERM, then SIGKILL
+        if netns_exists(sandbox):
+            _ip("-n", sandbox, "link", "del", UPLINK_DEV, check=False)
+        delete_netns(name)
+
+
+@dataclass
+class LabGuest:
+    """One guest of qvmd's lab (`qvmctl guest list`) and its QEMU."""
+
+    name: str
+    fqdn: str
+    ip: str
+    mac: str
+    tap: str
+    log_path: Path
+    proc: subprocess.Popen[bytes] | None = None
+    started: float = 0.0  # time.monotonic() when QEMU was started
+    seen: dict[str, float] = field(default_factory=dict)  # step -> host s after start
+
+    def steps(self) -> dict[str, Step]:
+        """The first report of each step so far."""
+        out: dict[str, Step] = {}
+        for s in read_steps(self.log_path):
+            out.setdefault(s.name, s)
+        return out
+
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            stop_qemu(self.proc)
+
+
+def qvmctl(
+    user: busenv.User, bus: str, *args: str, timeout: float = 60
+) -> subprocess.CompletedProcess[str]:
+    """qvmctl as `user`, on the private bus."""
+    return busenv.run_as(user, [*QVMCTL, *args], bus, timeout=timeout)
+
+
+def qvmctl_json(user: busenv.User, bus: str, *args: str) -> Any:
+    res = qvmctl(user, bus, "--json", *args)
+    if res.returncode != 0:
+        raise TinyGuestError(f"qvmctl {' '.join(args)}: rc={res.returncode} {res.stderr.strip()}")
+    return json.loads(res.stdout)
+
+
+def lab_guests(user: busenv.User, bus: str, logdir: Path) -> list[LabGuest]:
+    """The lab's guests as qvmd lists them to the user."""
+    return [
+        LabGuest(g["name"], g["fqdn"], g["ip"], g["mac"], g["tap"], logdir / f"{g['name']}.log")
+        for g in qvmctl_json(user, bus, "guest", "list")
+    ]
+
+
+def lab_append(guest: LabGuest, guests: Sequence[LabGuest]) -> list[str]:
+    """Kernel options: write the NFS mark, ping the peers, fetch the internet."""
+    peers = ",".join(g.fqdn for g in guests if g.name != guest.name)
+    return ["qvm.nfs_mark=1", f"qvm.peers={peers}", f"qvm.probe={INTERNET_PROBE_URL}"]
+
+
+def boot_lab_guest(
+    guest: LabGuest,
+    sandbox: str,
+    user: busenv.User,
+    bus: str,
+    image: TinyImage,
+    append: Sequence[str],
+) -> None:
+    """What the user does: claim the TAP, ask for the QEMU arguments, run QEMU."""
+    res = qvmctl(user, bus, "tap", "create", guest.tap)
+    if res.returncode != 0:
+        raise TinyGuestError(f"qvmctl tap create {guest.tap}: rc={res.returncode} {res.stderr}")
+    net_args = qvmctl_json(user, bus, "qemu-args", guest.name)
+    guest.seen = {}
+    guest.started = time.monotonic()
+    guest.proc = boot_tiny(
+        sandbox, guest.tap, guest.mac, user.uid, user.gid, None, guest.log_path, image,
+        append, net_args=[str(a) for a in net_args],
+    )  # fmt: skip
+
+
+def watch_steps(guests: Sequence[LabGuest], until: str = "ready", timeout: float = 180) -> bool:
+    """Follow the guests' serial logs, recording when (host clock after QEMU's
+    start) each step first appears, until every guest reported `until`, or
+    its QEMU is gone, or `timeout`. True when all reported `until`."""
+    deadline = time.monotonic() + timeout
+    while True:
+        now = time.monotonic()
+        pending = False
+        for g in guests:
+            for name in g.steps():
+                g.seen.setdefault(name, now - g.started)
+            if until not in g.seen and g.running():
+                pending = True
+        if not pending:
+            return all(until in g.seen for g in guests)
+        if now > deadline:
+            return False
+        time.sleep(0.05)
+
+
+def lab_dns_lookup(sandbox: str, fqdn: str) -> str | None:
+    """The address the lab DNS (10.42.0.2, port 53) gives `fqdn`, asked from `sandbox`."""
+    res = subprocess.run(
+        ["ip", "netns", "exec", sandbox, "dig", "+short", "+time=2", "+tries=3",
+         f"@{LAB_DNS}", fqdn, "A"],
+        capture_output=True, text=True, timeout=30, check=False,
+    )  # fmt: skip
+    for line in res.stdout.split():
+        if re.fullmatch(r"\d+\.\d+\.\d+\.\d+", line):
+            return line
+    return None
+
+
+def curl_as(
+    user: busenv.User,
+    bus: str,
+    sandbox: str,
+    fqdn: str,
+    address: str,
+    cacert: Path | None = None,
+    env: dict[str, str] | None = None,
+) -> subprocess.CompletedProcess[str]:
+    """`curl https://<fqdn>` as `user` in the sandbox ("the host"), the name
+    pinned to `address` (the lab DNS's answer: Debian's curl has no c-ares,
+    so no --dns-servers). `cacert` adds `--cacert FILE` (the separate form:
+    curl 7.88 does not take `--cacert=FILE`); `env` e.g. SSL_CERT_DIR."""
+    cmd = ["curl", "-sS", "--max-time", "20", "--resolve", f"{fqdn}:443:{address}"]
+    if cacert is not None:
+        cmd += ["--cacert", str(cacert)]
+    cmd.append(f"https://{fqdn}")
+    full_env = busenv.clean_env(bus, env)
+    full_env.pop("CURL_CA_BUNDLE", None)
+    return subprocess.run(
+        ["ip", "netns", "exec", sandbox, *busenv.as_user_argv(user, cmd)],
+        env=full_env, cwd="/", capture_output=True, text=True, timeout=40, check=False,
+    )  # fmt: skip
