@@ -345,3 +345,24 @@ def test_prepare_netns_creates_only_the_namespaces(qvmd: Qvmd) -> None:
     qvmd.wait_ready()
     log = qvmd.stop()
     assert "created namespace" not in log and "created veth" in log
+
+
+def test_tap_in_use_keeps_its_owner_and_the_rest_is_reconciled(qvmd: Qvmd) -> None:
+    qvmd.start()
+    qvmd.wait_ready()
+    client = TapClient(qvmd.netns, "qvm0tap0", MEMBER_UID)
+    try:
+        assert client.status == "attached"
+        qvmd.stop()
+        assert qvmd.config is not None
+        qvmd.config.write_text(f"[taps]\nowner = {OTHER_UID}\n")
+        qvmd.start()
+        qvmd.wait_ready()
+        out = qvmd.stop()
+        assert "qvm0tap0 is in use; its owner cannot change now" in out
+        info = links(qvmd.netns)
+        assert str(info["qvm0tap0"]["linkinfo"]["info_data"]["user"]) == str(MEMBER_UID)
+        assert str(info["qvm0tap1"]["linkinfo"]["info_data"]["user"]) == str(OTHER_UID)
+        assert client.arp() == "reply 52:54:0a:2a:00:01"  # the guest never noticed
+    finally:
+        client.close()

@@ -14,7 +14,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from qvmd import links, nsutil, sysctl
-from qvmd.errors import Failed
+from qvmd.errors import Failed, QvmError
 from qvmd.links import LinkState, TapSpec
 from qvmd.model import Lab
 from qvmd.nlworker import NetlinkWorker
@@ -103,9 +103,10 @@ class NetworkPlane:
                 changes += links.ensure_tap(
                     ipr, lab.bridge, bridge.index, spec, have.get(spec.name)
                 )
-            except Failed as exc:
-                # One bad TAP (a foreign device with our name, one in use with
-                # the wrong flags) must not stop the rest of the lab.
+            except QvmError as exc:
+                # One bad TAP (a foreign device with our name: Failed; one in
+                # use with the wrong flags or owner: Busy) must not stop the
+                # rest of the lab.
                 log.error("reconcile: %s", exc)
         return changes
 
