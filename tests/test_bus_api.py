@@ -219,6 +219,7 @@ def test_status_and_properties(lab: Qvmd, system_bus: str, bus_users: busenv.Tes
     assert "qvm0    up" in out.stdout and "10.42.0.1/24" in out.stdout
     st = json.loads(qvmctl(bus_users.outsider, system_bus, "--json", "status").stdout)
     assert st["services"]["addresses"] == ["10.42.0.2/24"] and st["forwarding"] is True
+    assert st["drift"] == []
     prop = busctl(
         bus_users.outsider,
         system_bus,

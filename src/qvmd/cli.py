@@ -221,6 +221,8 @@ def render_status(st: dict[str, Any]) -> str:
         f"self-heal: {heal['passes']} passes, {heal['repairs']} repairs, {heal['errors']} errors",
     ]
     out += [f"  {line}" for line in heal["last"][-5:]]
+    out.append("drift: none" if not st["drift"] else "drift:")
+    out += [f"  {line}" for line in st["drift"]]
     return "\n".join(out)
 
 

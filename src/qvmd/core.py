@@ -296,6 +296,7 @@ class Core:
         stats = self.healer.stats
         snap["lab_up"] = self.lab_up
         snap["host_services"] = self.services.status()
+        snap["drift"] += await self.firewall.drift(self.lab)
         snap["firewall"] = {
             "forwards": len(self.firewall.forwards),
             "counters": await asyncio.to_thread(self.firewall.counters),

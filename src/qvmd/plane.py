@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from dataclasses import dataclass, replace
+from ipaddress import IPv4Address, IPv4Interface
 from typing import Any
 
 from qvmd import links, nsutil, sysctl
@@ -175,6 +176,9 @@ class NetworkPlane:
                 "gateway": str(gateway) if gateway else "",
             },
             "forwarding": sysctl.forwarding_enabled(),
+            "drift": link_drift(
+                lab, self.desired_taps(), have, svc_side, gateway, sysctl.forwarding_enabled()
+            ),
         }
 
     # -- teardown ------------------------------------------------------
@@ -259,3 +263,59 @@ class NetworkPlane:
     def close(self) -> None:
         self._close_svc()
         self.main.close()
+
+
+def link_drift(
+    lab: Lab,
+    taps: dict[str, TapSpec],
+    have: dict[str, LinkState],
+    svc_side: LinkState | None,
+    gateway: IPv4Address | None,
+    forwarding: bool,
+) -> list[str]:
+    """What differs from the desired state right now, one line each (pure).
+
+    Normally empty: the healer repairs within milliseconds. What stays is
+    what cannot be repaired (a TAP in use with other flags, a foreign
+    device with our name) or what a repair is waiting for (backoff).
+    """
+    out = []
+    bridge = have.get(lab.bridge)
+    if bridge is None or bridge.kind != "bridge":
+        out.append(
+            f"bridge {lab.bridge} is missing"
+            if bridge is None
+            else f"{lab.bridge} is a {bridge.kind}, not a bridge"
+        )
+    else:
+        if not bridge.up:
+            out.append(f"bridge {lab.bridge} is down")
+        if lab.gateway not in bridge.addresses:
+            out.append(f"bridge {lab.bridge} lacks {lab.gateway}")
+    for name, spec in sorted(taps.items()):
+        cur = have.get(name)
+        if cur is None or cur.tun is None:
+            out.append(f"TAP {name} is missing" if cur is None else f"{name} is not a TAP")
+            continue
+        if cur.tun.owner != spec.uid:
+            out.append(f"TAP {name} is owned by uid {cur.tun.owner}, not {spec.uid}")
+        if cur.tun.multi_queue != spec.multi_queue:
+            out.append(f"TAP {name} has multi_queue={cur.tun.multi_queue}")
+        if bridge is None or cur.master != bridge.index:
+            out.append(f"TAP {name} is not on {lab.bridge}")
+        if not cur.up:
+            out.append(f"TAP {name} is down")
+    svc = lab.services
+    if svc_side is None:
+        out.append(f"{svc.netns}/{svc.interface} is missing")
+    else:
+        if IPv4Interface(f"{svc.address}/{lab.subnet.prefixlen}") not in svc_side.addresses:
+            out.append(f"{svc.netns}/{svc.interface} lacks {svc.address}")
+        if gateway != lab.gateway.ip:
+            out.append(f"{svc.netns} has no default route via {lab.gateway.ip}")
+    port = have.get(svc.bridge_port)
+    if port is None or bridge is None or port.master != bridge.index:
+        out.append(f"{svc.bridge_port} is not on {lab.bridge}")
+    if not forwarding:
+        out.append("IPv4 forwarding is off")
+    return out

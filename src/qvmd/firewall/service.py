@@ -161,6 +161,15 @@ class FirewallService:
             bridge_nf_call_iptables=bridged,
         )
 
+    async def drift(self, lab: Lab) -> list[str]:
+        async with self.lock:
+            if self.fw is None:
+                return []
+            seen = await asyncio.to_thread(self.fw.observe, build_ruleset(lab, self.forwards))
+        if seen.missing:
+            return [f"nft table {f} {n} is missing" for f, n in seen.missing]
+        return [] if seen.matches else ["nft tables differ from what qvmd applied"]
+
     def counters(self) -> dict[str, Any]:
         return self.fw.counters() if self.fw is not None else {}
 
