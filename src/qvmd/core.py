@@ -15,10 +15,11 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from qvmd import monitor
+from qvmd import monitor, nsutil
 from qvmd.certs import CertService
 from qvmd.config import check_state_dependent, check_subnet_free, load_config
 from qvmd.firewall.service import FirewallService, default_route_dev, forward_dict
+from qvmd.fsutil import sweep_stale_temp_files
 from qvmd.healer import Healer
 from qvmd.hostservices import HostServices
 from qvmd.links import lookup, main_routes
@@ -66,6 +67,7 @@ class Core:
         self.healer = Healer(self._heal)
         self.healer.on_repair = self._on_repair
         self.monitors: list[monitor.NetlinkMonitor | monitor.NftMonitor] = []
+        self.svc_monitors: list[monitor.NetlinkMonitor | monitor.NftMonitor] = []
         self.listeners = Listeners()
         self.lab_up = False
         self.started_at = time.time()
@@ -83,6 +85,10 @@ class Core:
         check_subnet_free(self.lab, await self.plane.main.run(main_routes))
 
     async def start(self) -> list[str]:
+        state = self.plane.store.dir
+        for directory in (state, state / "dnsmasq", state / "ganesha"):
+            for path in sweep_stale_temp_files(directory):
+                log.info("removed %s, left by a qvmd killed while writing it", path)
         changes = await self.plane.reconcile()
         self.firewall.load(self.lab)
         # The first pass of a new process always re-applies the tables (it
@@ -99,11 +105,18 @@ class Core:
         return changes
 
     async def _periodic_check(self) -> None:
-        # Some drift sends no event (net.ipv4.ip_forward, a TAP's owner):
-        # a full pass now and then catches it; it costs a few milliseconds.
+        # Some drift sends no event: a deleted services namespace (processes
+        # in it keep it alive, so no link goes away) — checked every second
+        # with one stat(); anything else (a TAP's owner changed by hand) — a
+        # full pass every PERIODIC_CHECK_SECONDS, a few milliseconds each.
+        ticks = 0
         while True:
-            await asyncio.sleep(PERIODIC_CHECK_SECONDS)
-            self.healer.wake("periodic check")
+            await asyncio.sleep(1.0)
+            ticks += 1
+            if not nsutil.exists(self.lab.services.netns):
+                self.healer.wake(f"namespace {self.lab.services.netns} is gone")
+            elif ticks % int(PERIODIC_CHECK_SECONDS) == 0:
+                self.healer.wake("periodic check")
 
     async def _heal(self) -> list[str]:
         changes = await self.plane.reconcile()
@@ -113,25 +126,53 @@ class Core:
             await self._bridge_created()
         if any(c.startswith("created namespace") for c in changes):
             await self.services.namespace_recreated()
+            self._start_services_monitors()
             changes.append("restarted host services in the new services namespace")
+        elif await self.services.ensure_redirect():
+            changes.append("re-applied the DNS :5300 redirect in the services namespace")
         return changes
 
     def _start_monitors(self) -> None:
         main = monitor.NetlinkMonitor(
             monitor.open_event_socket(), self.is_ours, self.healer.wake, "host"
         )
+        main.on_lost_tap = self._tap_lost
         main.start()
         self.monitors.append(main)
         nft = monitor.NftMonitor(monitor.open_nft_event_socket(), self.healer.wake)
         nft.start()
         self.monitors.append(nft)
-        if self.plane.svc is not None:
-            sock = self.plane.svc.run_sync(lambda _ipr: monitor.open_event_socket())
-            svc = monitor.NetlinkMonitor(
-                sock, self.is_ours, self.healer.wake, self.lab.services.netns
-            )
-            svc.start()
-            self.monitors.append(svc)
+        self._start_services_monitors()
+
+    def _start_services_monitors(self) -> None:
+        """Links and nft (the :5300 redirect) inside the services namespace:
+        the sockets are opened on that namespace's worker thread."""
+        for m in self.svc_monitors:
+            m.stop()
+        self.svc_monitors = []
+        if self.plane.svc is None:
+            return
+        where = self.lab.services.netns
+        links_sock = self.plane.svc.run_sync(lambda _ipr: monitor.open_event_socket())
+        nft_sock = self.plane.svc.run_sync(lambda _ipr: monitor.open_nft_event_socket())
+        self.svc_monitors = [
+            monitor.NetlinkMonitor(links_sock, self.is_ours, self.healer.wake, where),
+            monitor.NftMonitor(nft_sock, self.healer.wake),
+        ]
+        for m in self.svc_monitors:
+            m.start()
+
+    def _tap_lost(self, name: str) -> None:
+        # Its QEMU's fd now points at a dead device: nothing can give that
+        # QEMU its network back. The healer recreates the TAP so a restarted
+        # QEMU can attach; say so plainly.
+        detail = (
+            f"TAP {name} was deleted while a process (QEMU) held it: that process has lost "
+            "its network and must be restarted; the TAP is being recreated for it"
+        )
+        log.warning("%s", detail, extra={"QVM_TAP": name})
+        for cb in self.listeners.healed:
+            cb(f"TAP {name} lost by its QEMU", detail)
 
     async def _bridge_created(self) -> None:
         bridge = await self.plane.main.run(lookup, self.lab.bridge)
@@ -150,9 +191,10 @@ class Core:
             self._periodic.cancel()
             self._periodic = None
         await self.healer.stop()
-        for m in self.monitors:
+        for m in self.monitors + self.svc_monitors:
             m.stop()
         self.monitors.clear()
+        self.svc_monitors.clear()
         await self.services.stop()
 
     async def teardown(self) -> list[str]:
@@ -314,9 +356,10 @@ class Core:
     # -- events --------------------------------------------------------
 
     def _on_repair(self, change: str) -> None:
-        what = change.split(" ", 1)[0]
+        # "created bridge qvm0" -> what = "bridge qvm0": the object repaired.
+        verb, _, obj = change.partition(" ")
         for cb in self.listeners.healed:
-            cb(what, change)
+            cb(obj or verb, change)
 
     def _lab_changed(self) -> None:
         for cb in self.listeners.lab_changed:

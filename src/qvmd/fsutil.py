@@ -50,3 +50,36 @@ def ensure_dir(path: str | Path, mode: int) -> Path:
     path.mkdir(parents=True, exist_ok=True)
     os.chmod(path, mode)
     return path
+
+
+def sweep_stale_temp_files(directory: str | Path) -> list[Path]:
+    """Remove atomic_write's temp files left by a process killed mid-write.
+
+    They are named `.<file>.tmp-<pid>`; one whose pid is alive belongs to a
+    writer still at work and is left alone.
+    """
+    removed: list[Path] = []
+    try:
+        entries = list(Path(directory).iterdir())
+    except FileNotFoundError:
+        return removed
+    for path in entries:
+        name = path.name
+        if not name.startswith(".") or ".tmp-" not in name:
+            continue
+        pid = name.rsplit(".tmp-", 1)[1]
+        if not pid.isdigit() or int(pid) == os.getpid() or _alive(int(pid)):
+            continue
+        path.unlink(missing_ok=True)
+        removed.append(path)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

@@ -17,6 +17,10 @@ from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
+from pyroute2.netlink.exceptions import NetlinkError
+
+from qvmd.errors import QvmError
+
 log = logging.getLogger(__name__)
 
 
@@ -65,6 +69,12 @@ class Healer:
         """Wait until no pass is pending or running (for tests and Status)."""
         await self._idle.wait()
 
+    def _back_off(self, backoff: float) -> float:
+        backoff = min(self.max_backoff, max(0.05, backoff * 2))
+        if backoff >= 0.4:
+            log.warning("something keeps undoing qvmd's changes; next repair in %.1fs", backoff)
+        return backoff
+
     async def _run(self) -> None:
         backoff = 0.0
         while True:
@@ -75,10 +85,18 @@ class Healer:
             self.stats.passes += 1
             try:
                 changes = await self._reconcile()
-            except Exception:
+            except Exception as exc:
+                # Typically a race with whoever is breaking things (a link
+                # vanished mid-pass): not a repair; try again after a backoff.
                 self.stats.errors += 1
-                log.exception("self-heal pass failed (woken by %s)", "; ".join(reasons[:3]))
-                changes = ["error"]
+                woken = "; ".join(reasons[:3])
+                if isinstance(exc, QvmError | OSError | NetlinkError):
+                    log.warning("self-heal pass failed (woken by %s): %s", woken, exc)
+                else:
+                    log.exception("self-heal pass failed (woken by %s)", woken)
+                backoff = self._back_off(backoff)
+                self._wanted.set()
+                continue
             if changes:
                 self.stats.repairs += len(changes)
                 now = time.time()
@@ -91,11 +109,7 @@ class Healer:
                     len(changes),
                     reasons[0] if reasons else "?",
                 )
-                backoff = min(self.max_backoff, max(0.05, backoff * 2))
-                if backoff >= 0.4:
-                    log.warning(
-                        "something keeps undoing qvmd's changes; next repair in %.1fs", backoff
-                    )
+                backoff = self._back_off(backoff)
                 # Our own repairs produce events; one more pass confirms the result.
                 self._wanted.set()
             else:

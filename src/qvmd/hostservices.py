@@ -171,6 +171,12 @@ class HostServices:
             self.nfs = None
         await self._start_nfs()
 
+    async def ensure_redirect(self) -> bool:
+        """Re-apply the :5300 redirect if it differs; True when it changed."""
+        if self.dnsmasq is None:
+            return False
+        return await asyncio.to_thread(apply_dns_redirect, self.lab)
+
     async def namespace_recreated(self) -> None:
         """The services namespace was deleted and made anew: our redirect
         and dnsmasq's sockets died with the old one."""

@@ -16,7 +16,7 @@ from __future__ import annotations
 import errno
 import socket
 from dataclasses import dataclass, field
-from ipaddress import IPv4Address, IPv4Interface
+from ipaddress import IPv4Address, IPv4Interface, IPv4Network
 from typing import Any
 
 from pyroute2.netlink.exceptions import NetlinkError
@@ -130,8 +130,7 @@ def ensure_bridge(ipr: Any, lab: Lab, cur: LinkState | None) -> list[str]:
     if cur is None:
         ipr.link("add", ifname=lab.bridge, kind="bridge", address=mac)
         changes.append(f"created bridge {lab.bridge}")
-        cur = lookup(ipr, lab.bridge)
-        assert cur is not None
+        cur = _created(ipr, lab.bridge)
     elif cur.kind != "bridge":
         _refuse_foreign(cur, "bridge")
     if cur.mac != mac:
@@ -145,6 +144,18 @@ def ensure_bridge(ipr: Any, lab: Lab, cur: LinkState | None) -> list[str]:
     if not cur.up:
         ipr.link("set", index=cur.index, state="up")
         changes.append(f"set {lab.bridge} up")
+    elif not _has_route(ipr, lab.subnet, cur.index):
+        # The kernel adds this route with the address (once the link is up);
+        # someone deleted it, which cuts the host off from every guest.
+        ipr.route(
+            "add",
+            dst=str(lab.subnet),
+            oif=cur.index,
+            scope=253,
+            proto=2,
+            prefsrc=str(lab.gateway.ip),
+        )
+        changes.append(f"restored the route to {lab.subnet} on {lab.bridge}")
     return changes
 
 
@@ -189,10 +200,26 @@ def ensure_tap(
     if cur is None:
         tuntap.create_tap(spec.name, spec.uid, spec.gid, spec.multi_queue)
         changes.append(f"created TAP {spec.name} owner uid {spec.uid} gid {_gid(spec.gid)}")
-        cur = lookup(ipr, spec.name)
-        if cur is None:
-            raise Failed(f"TAP {spec.name} vanished right after creation")
+        cur = _created(ipr, spec.name)
     return changes + _enslave_up(ipr, cur, bridge_index, bridge)
+
+
+def _created(ipr: Any, name: str) -> LinkState:
+    """The link just made; someone may delete it under our feet (a race the
+    next pass repairs), which is an error of this pass, not a crash."""
+    cur = lookup(ipr, name)
+    if cur is None:
+        raise Failed(f"{name} vanished right after qvmd created it")
+    return cur
+
+
+def _has_route(ipr: Any, dst: IPv4Network, oif: int) -> bool:
+    for msg in ipr.get_routes(family=socket.AF_INET, table=254):
+        if msg.get_attr("RTA_OIF") != oif or msg["dst_len"] != dst.prefixlen:
+            continue
+        if msg.get_attr("RTA_DST") == str(dst.network_address):
+            return True
+    return False
 
 
 def _gid(gid: int | None) -> str:
@@ -233,8 +260,7 @@ def ensure_veth_pair(ipr: Any, lab: Lab, cur: LinkState | None, peer_present: bo
             peer={"ifname": svc.interface, "net_ns_fd": nsutil.netns_path(svc.netns)},
         )
         changes.append(f"created veth {svc.bridge_port} <-> {svc.netns}/{svc.interface}")
-        cur = lookup(ipr, svc.bridge_port)
-        assert cur is not None
+        cur = _created(ipr, svc.bridge_port)
     bridge = lookup(ipr, lab.bridge)
     if bridge is None:
         raise Failed(f"bridge {lab.bridge} vanished during reconcile")
@@ -253,6 +279,13 @@ def ensure_services_side(ipr: Any, lab: Lab) -> list[str]:
     cur = lookup(ipr, svc.interface)
     if cur is None:
         return changes  # the pair is (re)made from the bridge side first
+    # A fixed MAC: a recreated veth0 would otherwise come with a new random
+    # one, and the host and guests would keep sending 10.42.0.2's traffic to
+    # the old MAC until their ARP entries expire (~40 s measured).
+    mac = derive_mac(svc.address)
+    if cur.mac != mac:
+        ipr.link("set", index=cur.index, address=mac)
+        changes.append(f"set {svc.netns}/{svc.interface} MAC {mac}")
     want = IPv4Interface(f"{svc.address}/{lab.subnet.prefixlen}")
     if want not in cur.addresses:
         ipr.addr("add", index=cur.index, address=str(svc.address), prefixlen=lab.subnet.prefixlen)
@@ -275,8 +308,6 @@ def default_gateway(ipr: Any) -> IPv4Address | None:
 
 def main_routes(ipr: Any) -> list[tuple[Any, str]]:
     """(destination network, device name) of the main routing table."""
-    from ipaddress import IPv4Network
-
     names = {s.index: s.name for s in map(_link_state, ipr.get_links())}
     out = []
     for msg in ipr.get_routes(family=socket.AF_INET, table=254):

@@ -13,6 +13,7 @@ import asyncio
 import errno
 import logging
 import socket
+import struct
 from collections.abc import Callable
 
 from pyroute2.netlink.rtnl.marshal import MarshalRtnl
@@ -22,6 +23,10 @@ log = logging.getLogger(__name__)
 RTMGRP_LINK = 0x1
 RTMGRP_IPV4_IFADDR = 0x10
 RTMGRP_IPV4_ROUTE = 0x40
+# RTNLGRP_IPV4_NETCONF (24): writing net.ipv4.ip_forward is announced here.
+RTMGRP_IPV4_NETCONF = 1 << (24 - 1)
+RTM_NEWNETCONF = 80
+_NLMSGHDR = struct.Struct("=IHHII")
 
 
 def open_event_socket() -> socket.socket:
@@ -30,7 +35,7 @@ def open_event_socket() -> socket.socket:
     # A large buffer makes ENOBUFS (lost events) rare during TAP storms; when
     # it still happens we resync fully, which is always correct.
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
-    sock.bind((0, RTMGRP_LINK | RTMGRP_IPV4_IFADDR | RTMGRP_IPV4_ROUTE))
+    sock.bind((0, RTMGRP_LINK | RTMGRP_IPV4_IFADDR | RTMGRP_IPV4_ROUTE | RTMGRP_IPV4_NETCONF))
     sock.setblocking(False)
     return sock
 
@@ -68,6 +73,8 @@ class NetlinkMonitor(_EventSocket):
         self.where = where
         self.marshal = MarshalRtnl()
         self.names: dict[int, str] = {}  # ifindex -> name, learnt from link events
+        # Called with a TAP's name when it is deleted while a process held it.
+        self.on_lost_tap: Callable[[str], None] | None = None
 
     def _readable(self) -> None:
         while True:
@@ -85,6 +92,9 @@ class NetlinkMonitor(_EventSocket):
                 self.wake(reason)
 
     def _relevant(self, data: bytes) -> str | None:
+        if _has_type(data, RTM_NEWNETCONF):
+            # pyroute2's marshal does not know netconf; the header is enough.
+            return f"{self.where}: IPv4 forwarding setting changed"
         reason = None
         for msg in self.marshal.parse(data):
             event = msg.get("event", "")
@@ -93,13 +103,32 @@ class NetlinkMonitor(_EventSocket):
                 self.names[msg["index"]] = name
                 if self.is_ours(name):
                     reason = f"{self.where}: {event} {name}"
+                    if (
+                        event == "RTM_DELLINK"
+                        and msg.get_attr("IFLA_CARRIER")
+                        and (self.on_lost_tap is not None)
+                    ):
+                        self.on_lost_tap(name)
             elif event in ("RTM_NEWADDR", "RTM_DELADDR"):
                 name = self.names.get(msg["index"], "")
                 if not name or self.is_ours(name):
                     reason = f"{self.where}: {event} on {name or msg['index']}"
-            elif event in ("RTM_NEWROUTE", "RTM_DELROUTE") and msg["dst_len"] == 0:
-                reason = f"{self.where}: {event} default"
+            elif event == "RTM_DELROUTE" or (event == "RTM_NEWROUTE" and msg["dst_len"] == 0):
+                # A deleted route may be the lab's own subnet route.
+                reason = f"{self.where}: {event}"
         return reason
+
+
+def _has_type(data: bytes, wanted: int) -> bool:
+    offset = 0
+    while offset + _NLMSGHDR.size <= len(data):
+        length, msg_type, _flags, _seq, _pid = _NLMSGHDR.unpack_from(data, offset)
+        if msg_type == wanted:
+            return True
+        if length < _NLMSGHDR.size:
+            return False
+        offset += (length + 3) & ~3
+    return False
 
 
 NETLINK_NETFILTER = 12

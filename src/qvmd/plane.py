@@ -109,6 +109,14 @@ class NetworkPlane:
                 # use with the wrong flags or owner: Busy) must not stop the
                 # rest of the lab.
                 log.error("reconcile: %s", exc)
+        for name, cur in sorted(have.items()):
+            # A lab-named TAP nobody asked for: left by a qvmd killed between
+            # making it and recording the claim (or between forgetting the
+            # claim and deleting it). Ours by name; idle, so nobody loses it.
+            stray = cur.tun is not None and cur.tun.is_tap and not cur.carrier
+            stray = stray and name not in taps and self.is_lab_tap_name(name)
+            if stray and links.delete_link(ipr, name):
+                changes.append(f"removed stray TAP {name} (no claim for it)")
         return changes
 
     def _ensure_forwarding(self) -> list[str]:
