@@ -228,8 +228,11 @@ def read_steps(log_path: Path) -> list[Step]:
         text = log_path.read_bytes().decode(errors="replace")
     except FileNotFoundError:
         return []
+    # Only whole lines: QEMU may be in the middle of writing the last one
+    # (a step read as "name=cp.q" once it was cut there).
+    complete = text[: text.rfind("\n") + 1]
     steps = []
-    for line in text.splitlines():
+    for line in complete.splitlines():
         m = _STEP_RE.search(line.rstrip("\r"))
         if m:
             steps.append(Step(m.group(1), m.group(2), float(m.group(3)), m.group(4).strip()))
