@@ -118,7 +118,10 @@ class Core:
             elif ticks % int(PERIODIC_CHECK_SECONDS) == 0:
                 self.healer.wake("periodic check")
 
-    async def _heal(self) -> list[str]:
+    async def _heal(self, taps: frozenset[str] | None = None) -> list[str]:
+        """One healer pass; `taps`: only those TAPs had events (a cheap pass)."""
+        if taps is not None:
+            return await self.plane.reconcile_taps(taps)
         changes = await self.plane.reconcile()
         bridge_created = any(c.startswith("created bridge") for c in changes)
         changes += await self.firewall.ensure(self.lab, bridge_created)
@@ -134,7 +137,11 @@ class Core:
 
     def _start_monitors(self) -> None:
         main = monitor.NetlinkMonitor(
-            monitor.open_event_socket(), self.is_ours, self.healer.wake, "host"
+            monitor.open_event_socket(),
+            self.is_ours,
+            self.healer.wake,
+            "host",
+            is_tap=self.plane.is_lab_tap_name,
         )
         main.on_lost_tap = self._tap_lost
         main.start()

@@ -35,7 +35,7 @@ class HealStats:
 class Healer:
     def __init__(
         self,
-        reconcile: Callable[[], Awaitable[list[str]]],
+        reconcile: Callable[[frozenset[str] | None], Awaitable[list[str]]],
         settle: float = 0.005,
         max_backoff: float = 5.0,
     ) -> None:
@@ -48,6 +48,10 @@ class Healer:
         self._idle.set()
         self._task: asyncio.Task[None] | None = None
         self._reasons: list[str] = []
+        # Events about single TAPs only need those TAPs checked: a full pass
+        # reads every link (~0.3 ms each: 0.3 s at 1,000 TAPs).
+        self._full = False
+        self._taps: set[str] = set()
         self.on_repair: Callable[[str], None] | None = None
 
     def start(self) -> None:
@@ -60,8 +64,13 @@ class Healer:
                 await self._task
             self._task = None
 
-    def wake(self, reason: str) -> None:
+    def wake(self, reason: str, tap: str | None = None) -> None:
+        """Schedule a pass; `tap` limits it to that TAP (if nothing else woke it)."""
         self._reasons.append(reason)
+        if tap is None:
+            self._full = True
+        else:
+            self._taps.add(tap)
         self._wanted.set()
         self._idle.clear()
 
@@ -82,9 +91,11 @@ class Healer:
             await asyncio.sleep(self.settle + backoff)
             self._wanted.clear()
             reasons, self._reasons = self._reasons, []
+            scope = None if self._full else frozenset(self._taps)
+            self._full, self._taps = False, set()
             self.stats.passes += 1
             try:
-                changes = await self._reconcile()
+                changes = await self._reconcile(scope)
             except Exception as exc:
                 # Typically a race with whoever is breaking things (a link
                 # vanished mid-pass): not a repair; try again after a backoff.
@@ -95,6 +106,7 @@ class Healer:
                 else:
                     log.exception("self-heal pass failed (woken by %s)", woken)
                 backoff = self._back_off(backoff)
+                self._full = True
                 self._wanted.set()
                 continue
             if changes:
@@ -110,7 +122,12 @@ class Healer:
                     reasons[0] if reasons else "?",
                 )
                 backoff = self._back_off(backoff)
-                # Our own repairs produce events; one more pass confirms the result.
+                # Our own repairs produce events; one more pass of the same
+                # scope confirms the result.
+                if scope is None:
+                    self._full = True
+                else:
+                    self._taps |= scope
                 self._wanted.set()
             else:
                 backoff = 0.0

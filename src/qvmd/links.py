@@ -100,9 +100,15 @@ def snapshot(ipr: Any) -> dict[str, LinkState]:
 
 
 def lookup(ipr: Any, name: str) -> LinkState | None:
-    """One link by name (with addresses), or None: cheaper than snapshot()."""
+    """One link by name (with addresses), or None: cheaper than snapshot().
+
+    Not `get_links(ifname=...)`: pyroute2 0.9.7 dumps every link and filters
+    in Python (58 ms with 300 TAPs); `link_lookup` asks the kernel for the
+    index (0.4 ms), then one link is fetched by index.
+    """
     try:
-        msgs = ipr.get_links(ifname=name)
+        indexes = ipr.link_lookup(ifname=name)
+        msgs = ipr.get_links(indexes[0]) if indexes else []
     except NetlinkError as exc:
         if exc.code == errno.ENODEV:
             return None

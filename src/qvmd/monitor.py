@@ -43,7 +43,7 @@ def open_event_socket() -> socket.socket:
 class _EventSocket:
     """A non-blocking socket read by the event loop until stopped."""
 
-    def __init__(self, sock: socket.socket, wake: Callable[[str], None]) -> None:
+    def __init__(self, sock: socket.socket, wake: Callable[..., None]) -> None:
         self.sock = sock
         self.wake = wake
 
@@ -65,11 +65,13 @@ class NetlinkMonitor(_EventSocket):
         self,
         sock: socket.socket,
         is_ours: Callable[[str], bool],
-        wake: Callable[[str], None],
+        wake: Callable[..., None],
         where: str,
+        is_tap: Callable[[str], bool] = lambda _name: False,
     ) -> None:
         super().__init__(sock, wake)
         self.is_ours = is_ours
+        self.is_tap = is_tap
         self.where = where
         self.marshal = MarshalRtnl()
         self.names: dict[int, str] = {}  # ifindex -> name, learnt from link events
@@ -101,14 +103,14 @@ class NetlinkMonitor(_EventSocket):
             if event in ("RTM_NEWLINK", "RTM_DELLINK"):
                 name = msg.get_attr("IFLA_IFNAME") or ""
                 self.names[msg["index"]] = name
-                if self.is_ours(name):
-                    reason = f"{self.where}: {event} {name}"
-                    if (
-                        event == "RTM_DELLINK"
-                        and msg.get_attr("IFLA_CARRIER")
-                        and (self.on_lost_tap is not None)
-                    ):
+                if self.is_tap(name):
+                    # Only this TAP needs a look: a scoped pass, not a full one.
+                    self.wake(f"{self.where}: {event} {name}", tap=name)
+                    lost = event == "RTM_DELLINK" and msg.get_attr("IFLA_CARRIER")
+                    if lost and self.on_lost_tap is not None:
                         self.on_lost_tap(name)
+                elif self.is_ours(name):
+                    reason = f"{self.where}: {event} {name}"
             elif event in ("RTM_NEWADDR", "RTM_DELADDR"):
                 name = self.names.get(msg["index"], "")
                 if not name or self.is_ours(name):

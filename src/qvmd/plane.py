@@ -79,6 +79,46 @@ class NetworkPlane:
             log.info("reconcile: %s", change)
         return changes
 
+    async def reconcile_taps(self, names: frozenset[str]) -> list[str]:
+        """Reconcile only these TAPs (their own events woke us): one lookup
+        each instead of reading every link of the namespace."""
+        async with self.lock:
+            changes = await self.main.run(self._reconcile_taps, names, self.desired_taps())
+        for change in changes:
+            log.info("reconcile: %s", change)
+        return changes
+
+    def _reconcile_taps(
+        self, ipr: Any, names: frozenset[str], taps: dict[str, TapSpec]
+    ) -> list[str]:
+        bridge = links.lookup(ipr, self.lab.bridge)
+        if bridge is None:
+            # The bridge itself is gone: its own event asks for a full pass.
+            return []
+        changes: list[str] = []
+        for name in sorted(names):
+            cur = links.lookup(ipr, name)
+            spec = taps.get(name)
+            if spec is not None:
+                try:
+                    changes += links.ensure_tap(ipr, self.lab.bridge, bridge.index, spec, cur)
+                except QvmError as exc:
+                    log.error("reconcile: %s", exc)
+            elif cur is not None and self._is_stray(name, cur) and links.delete_link(ipr, name):
+                changes.append(f"removed stray TAP {name} (no claim for it)")
+        return changes
+
+    def _is_stray(self, name: str, cur: LinkState) -> bool:
+        """A lab-named TAP nobody asked for: left by a qvmd killed between
+        making it and recording the claim (or between forgetting the claim and
+        deleting it). Ours by name; idle, so nobody loses it."""
+        return (
+            cur.tun is not None
+            and cur.tun.is_tap
+            and not cur.carrier
+            and self.is_lab_tap_name(name)
+        )
+
     async def _services_worker(self, changes: list[str]) -> NetlinkWorker:
         name = self.lab.services.netns
         if nsutil.create(name):
@@ -110,12 +150,7 @@ class NetworkPlane:
                 # rest of the lab.
                 log.error("reconcile: %s", exc)
         for name, cur in sorted(have.items()):
-            # A lab-named TAP nobody asked for: left by a qvmd killed between
-            # making it and recording the claim (or between forgetting the
-            # claim and deleting it). Ours by name; idle, so nobody loses it.
-            stray = cur.tun is not None and cur.tun.is_tap and not cur.carrier
-            stray = stray and name not in taps and self.is_lab_tap_name(name)
-            if stray and links.delete_link(ipr, name):
+            if name not in taps and self._is_stray(name, cur) and links.delete_link(ipr, name):
                 changes.append(f"removed stray TAP {name} (no claim for it)")
         return changes
 
