@@ -22,8 +22,8 @@ $(BIN)/qvmd: pyproject.toml | deps
 venv: deps $(BIN)/qvmd
 
 lint: venv
-	$(BIN)/ruff check src tests tools
-	$(BIN)/mypy src tests tools
+	$(BIN)/ruff check src tests tools bench
+	$(BIN)/mypy src tests tools bench
 
 test: lint
 	$(BIN)/pytest -q

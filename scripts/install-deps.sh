@@ -9,7 +9,7 @@ PACKAGES=(
   iproute2 dnsmasq-base dbus-daemon polkitd util-linux nfs-ganesha nfs-ganesha-vfs
   # tests and demo: real clients and tools
   iputils-ping busybox isc-dhcp-client bind9-dnsutils curl openssl systemd
-  firewalld passwd cloud-init libnfs-utils qemu-system-x86 cpio kmod
+  firewalld passwd cloud-init libnfs-utils qemu-system-x86 cpio kmod iperf3
 )
 
 missing=()
