@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 PREFIX ?= /usr/local
 DESTDIR ?=
 
-.PHONY: all deps venv test lint unit demo bench clean
+.PHONY: all deps venv test lint unit demo bench e2e-full clean
 
 all: venv
 
@@ -35,6 +35,13 @@ demo: venv
 # writes docs/benchmarks.md. `make bench BENCH_ARGS=--quick` for a short run.
 bench: venv
 	$(BIN)/python -m bench.run --write docs/benchmarks.md $(BENCH_ARGS)
+
+# The debian guest (Debian 12 + real cloud-init) against the real qvmd
+# (docs/e2e-debian.md); builds guests/debian once, ~2 min, cached in
+# /var/cache/qvmd-guests/debian. `make test` runs it too when QVM_E2E_FULL=1
+# or the image is cached (CI sets QVM_E2E_FULL=1).
+e2e-full: venv
+	QVM_E2E_FULL=1 $(BIN)/pytest -v -s tests/e2e/test_debian_cloudinit.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info src/*.egg-info .mypy_cache .ruff_cache .pytest_cache

@@ -10,6 +10,7 @@ PACKAGES=(
   # tests and demo: real clients and tools
   iputils-ping busybox isc-dhcp-client bind9-dnsutils curl openssl systemd
   firewalld passwd cloud-init libnfs-utils qemu-system-x86 cpio kmod iperf3
+  debootstrap qemu-utils
 )
 
 missing=()

@@ -428,6 +428,8 @@ def test_export_dirs_are_made_only_under_the_share_root(tmp_path: Path) -> None:
     )
     assert ensure_export_dirs(exports, root) == [root / "a", root / "b" / "c"]
     assert stat.S_IMODE((root / "a").stat().st_mode) == 0o1777
+    # Owned by the anonymous user: see ensure_export_dirs (fs.protected_regular).
+    assert ((root / "a").stat().st_uid, (root / "a").stat().st_gid) == (65534, 65534)
     os.chmod(root / "a", 0o750)
     assert ensure_export_dirs(exports, root) == []
     assert stat.S_IMODE((root / "a").stat().st_mode) == 0o750  # the admin's choice stays

@@ -315,8 +315,12 @@ def ensure_export_dirs(exports: Sequence[Export], share_root: Path) -> list[Path
 
     A new share is 1777 (like /tmp): with root_squash, root on a guest
     writes as nobody and must be able to; the sticky bit keeps guests from
-    removing each other's files. An existing directory is left as the admin
-    made it. A missing directory outside the share root is an error: qvmd
+    removing each other's files. It is owned by the export's anonymous
+    uid/gid: a guest kernel with fs.protected_regular (Debian's default
+    under systemd) refuses root's create-and-open of a file owned by nobody
+    in a sticky world-writable directory owned by someone else — but not
+    when the directory's owner is the file's. An existing directory is left
+    as the admin made it. A missing directory outside the share root is an error: qvmd
     does not create directories elsewhere on the host.
     """
     ensure_dir(share_root, 0o755)
@@ -331,6 +335,7 @@ def ensure_export_dirs(exports: Sequence[Export], share_root: Path) -> list[Path
                 f"under {share_root})"
             )
         path.mkdir(parents=True)
+        os.chown(path, e.anon_uid, e.anon_gid)
         os.chmod(path, 0o1777)
         made.append(path)
     return made
