@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from ipaddress import IPv4Address, IPv4Interface
 
-from qvmd.links import LinkState, TapSpec, TunInfo
+from qvmd.links import TapSpec
+from qvmd.linkstate import LinkState, TunInfo
 from qvmd.model import default_lab
 from qvmd.plane import link_drift
 

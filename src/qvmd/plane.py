@@ -16,7 +16,8 @@ from typing import Any
 
 from qvmd import links, nsutil, sysctl
 from qvmd.errors import Failed, QvmError
-from qvmd.links import LinkState, TapSpec
+from qvmd.links import TapSpec
+from qvmd.linkstate import LinkState
 from qvmd.model import Lab
 from qvmd.nlworker import NetlinkWorker
 from qvmd.state import PlaneState, StateStore

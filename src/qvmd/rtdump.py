@@ -1,0 +1,139 @@
+"""Dump the links and IPv4 addresses of a namespace, reading only what qvmd
+uses.
+
+pyroute2 parses every attribute of every link into Python objects (~0.3 ms
+and tens of KB per link: 0.5 s and +33 MB for a dump of 1,000 TAPs). A full
+reconcile pass only needs a dozen fields, so this reads the netlink dump
+itself: ask the kernel to leave the statistics out (IFLA_EXT_MASK), walk the
+attributes, keep what LinkState holds. Called on a NetlinkWorker thread: the
+socket is opened in that thread's namespace.
+"""
+
+from __future__ import annotations
+
+import socket
+import struct
+from collections.abc import Iterator
+from ipaddress import IPv4Interface
+
+from qvmd.linkstate import LinkState, TunInfo
+
+NETLINK_ROUTE = 0
+RTM_NEWLINK, RTM_GETLINK, RTM_NEWADDR, RTM_GETADDR = 16, 18, 20, 22
+NLM_F_REQUEST, NLM_F_DUMP = 0x1, 0x300
+NLMSG_ERROR, NLMSG_DONE = 2, 3
+IFLA_ADDRESS, IFLA_IFNAME, IFLA_MASTER, IFLA_LINKINFO = 1, 3, 10, 18
+IFLA_EXT_MASK, IFLA_CARRIER = 29, 33
+IFLA_INFO_KIND, IFLA_INFO_DATA = 1, 2
+IFLA_TUN_OWNER, IFLA_TUN_GROUP, IFLA_TUN_TYPE = 1, 2, 3
+IFLA_TUN_PERSIST, IFLA_TUN_MULTI_QUEUE = 6, 7
+IFA_ADDRESS, IFA_LOCAL = 1, 2
+RTEXT_FILTER_SKIP_STATS = 1 << 3
+NLA_F_MASK = 0x3FFF  # nested/byte-order flags live in the top bits of nla_type
+
+_NLMSG = struct.Struct("=IHHII")
+_IFINFO = struct.Struct("=BxHiII")
+_IFADDR = struct.Struct("=BBBBI")
+_NLA = struct.Struct("=HH")
+
+
+def _attrs(data: bytes, offset: int, end: int) -> Iterator[tuple[int, bytes]]:
+    while offset + 4 <= end:
+        length, kind = _NLA.unpack_from(data, offset)
+        if length < 4:
+            return
+        yield kind & NLA_F_MASK, data[offset + 4 : offset + length]
+        offset += (length + 3) & ~3
+
+
+def _u32(value: bytes) -> int:
+    return int(struct.unpack("=I", value[:4])[0])
+
+
+def _request(sock: socket.socket, msg_type: int, body: bytes) -> Iterator[tuple[int, bytes]]:
+    """Send one dump request; yield (message type, payload) until DONE."""
+    seq = 1
+    sock.send(
+        _NLMSG.pack(_NLMSG.size + len(body), msg_type, NLM_F_REQUEST | NLM_F_DUMP, seq, 0) + body
+    )
+    while True:
+        data = sock.recv(1 << 20)
+        offset = 0
+        while offset + _NLMSG.size <= len(data):
+            length, kind, _flags, msg_seq, _pid = _NLMSG.unpack_from(data, offset)
+            if length < _NLMSG.size:
+                return
+            payload = data[offset + _NLMSG.size : offset + length]
+            offset += (length + 3) & ~3
+            if msg_seq != seq:
+                continue
+            if kind == NLMSG_DONE:
+                return
+            if kind == NLMSG_ERROR:
+                errno_ = -struct.unpack("=i", payload[:4])[0]
+                if errno_:
+                    raise OSError(errno_, f"netlink dump failed ({msg_type})")
+                return
+            yield kind, payload
+
+
+def dump_links() -> dict[str, LinkState]:
+    """Every link of the calling thread's namespace, with its IPv4 addresses."""
+    with socket.socket(
+        socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC, NETLINK_ROUTE
+    ) as sock:
+        sock.bind((0, 0))
+        ext = _NLA.pack(8, IFLA_EXT_MASK) + struct.pack("=I", RTEXT_FILTER_SKIP_STATS)
+        ifinfo = _IFINFO.pack(socket.AF_UNSPEC, 0, 0, 0, 0) + ext
+        links: dict[str, LinkState] = {}
+        by_index: dict[int, LinkState] = {}
+        for kind, payload in _request(sock, RTM_GETLINK, ifinfo):
+            if kind == RTM_NEWLINK:
+                state = _link(payload)
+                links[state.name] = state
+                by_index[state.index] = state
+        for kind, payload in _request(sock, RTM_GETADDR, _IFADDR.pack(socket.AF_INET, 0, 0, 0, 0)):
+            family, prefixlen, _flags, _scope, index = _IFADDR.unpack_from(payload)
+            owner = by_index.get(index)
+            if kind != RTM_NEWADDR or family != socket.AF_INET or owner is None:
+                continue
+            attrs = dict(_attrs(payload, _IFADDR.size, len(payload)))
+            # IFA_LOCAL is the interface's own address; IFA_ADDRESS the peer's
+            # on point-to-point links and the same otherwise.
+            raw = attrs.get(IFA_LOCAL) or attrs.get(IFA_ADDRESS)
+            if raw:
+                owner.addresses.append(IPv4Interface(f"{socket.inet_ntoa(raw[:4])}/{prefixlen}"))
+    return links
+
+
+def _link(payload: bytes) -> LinkState:
+    _family, _type, index, flags, _change = _IFINFO.unpack_from(payload)
+    state = LinkState(
+        index=index, name="", kind=None, up=bool(flags & 1), carrier=False, master=None, mac=""
+    )
+    for attr, value in _attrs(payload, _IFINFO.size, len(payload)):
+        if attr == IFLA_IFNAME:
+            state.name = value.rstrip(b"\0").decode(errors="replace")
+        elif attr == IFLA_MASTER:
+            state.master = _u32(value)
+        elif attr == IFLA_ADDRESS:
+            state.mac = ":".join(f"{b:02x}" for b in value)
+        elif attr == IFLA_CARRIER:
+            state.carrier = bool(value[0])
+        elif attr == IFLA_LINKINFO:
+            info = dict(_attrs(value, 0, len(value)))
+            state.kind = info.get(IFLA_INFO_KIND, b"").rstrip(b"\0").decode() or None
+            if state.kind == "tun" and IFLA_INFO_DATA in info:
+                state.tun = _tun(info[IFLA_INFO_DATA])
+    return state
+
+
+def _tun(data: bytes) -> TunInfo:
+    d = dict(_attrs(data, 0, len(data)))
+    return TunInfo(
+        owner=_u32(d[IFLA_TUN_OWNER]) if IFLA_TUN_OWNER in d else None,
+        group=_u32(d[IFLA_TUN_GROUP]) if IFLA_TUN_GROUP in d else None,
+        multi_queue=bool(d.get(IFLA_TUN_MULTI_QUEUE, b"\0")[0]),
+        persist=bool(d.get(IFLA_TUN_PERSIST, b"\0")[0]),
+        is_tap=d.get(IFLA_TUN_TYPE, b"\0")[0] == 2,
+    )

@@ -1,0 +1,56 @@
+"""rtdump reads the same links, kinds, TAP owners and addresses as
+pyroute2's full parse (which it replaces in snapshot() for speed)."""
+
+from __future__ import annotations
+
+import socket
+from ipaddress import IPv4Interface
+from typing import Any
+
+import pytest
+
+from qvmd import links, rtdump, tuntap
+from qvmd.linkstate import LinkState
+from qvmd.nlworker import NetlinkWorker
+from tests.netns import netns, nsrun
+
+pytestmark = pytest.mark.root
+
+
+def pyroute2_snapshot(ipr: Any) -> dict[str, LinkState]:
+    out = {s.name: s for s in map(links._link_state, ipr.get_links())}
+    by_index = {s.index: s for s in out.values()}
+    for msg in ipr.get_addr(family=socket.AF_INET):
+        by_index[msg["index"]].addresses.append(
+            IPv4Interface(f"{msg.get_attr('IFA_ADDRESS')}/{msg['prefixlen']}")
+        )
+    return out
+
+
+def test_rtdump_matches_pyroute2() -> None:
+    with netns("rt") as ns:
+        nsrun(ns, "ip", "link", "add", "br0", "type", "bridge")
+        nsrun(ns, "ip", "addr", "add", "10.9.0.1/24", "dev", "br0")
+        nsrun(ns, "ip", "addr", "add", "10.9.1.1/16", "dev", "br0")
+        nsrun(ns, "ip", "link", "set", "br0", "up")
+        nsrun(ns, "ip", "link", "add", "v0", "type", "veth", "peer", "name", "v1")
+        nsrun(ns, "ip", "link", "set", "v0", "master", "br0", "up")
+        worker = NetlinkWorker(ns)
+        try:
+
+            def make_taps(_ipr: Any) -> None:
+                tuntap.create_tap("t0", 1000, None, False)
+                tuntap.create_tap("t1", 0, 4242, True)
+
+            worker.run_sync(make_taps)
+            nsrun(ns, "ip", "link", "set", "t0", "master", "br0", "up")
+            ours = worker.run_sync(lambda _ipr: rtdump.dump_links())
+            theirs = worker.run_sync(pyroute2_snapshot)
+        finally:
+            worker.close()
+    assert set(ours) == set(theirs) == {"lo", "br0", "v0", "v1", "t0", "t1"}
+    for name in ours:
+        assert ours[name] == theirs[name], name
+    assert ours["t1"].tun is not None and ours["t1"].tun.group == 4242
+    assert ours["t1"].tun.multi_queue and ours["t0"].master == ours["br0"].index
+    assert IPv4Interface("10.9.1.1/16") in ours["br0"].addresses
