@@ -70,7 +70,6 @@ class Core:
         self.svc_monitors: list[monitor.NetlinkMonitor | monitor.NftMonitor] = []
         self.listeners = Listeners()
         self.lab_up = False
-        self.started_at = time.time()
         # Called with the bridge's ifindex whenever it is (re)created: the
         # bus side registers it with systemd-resolved.
         self.bridge_hooks: list[Callable[[int], Awaitable[None]]] = []

@@ -18,6 +18,7 @@ import os
 import signal
 import sys
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from qvmd import nsutil
 from qvmd.config import check_state_dependent, load_config, validate_netns_name
@@ -26,6 +27,9 @@ from qvmd.errors import ConfigError, InvalidArgument, QvmError
 from qvmd.logsetup import setup_logging
 from qvmd.model import DEFAULT_CONFIG_PATH, DEFAULT_STATE_DIR, Lab
 from qvmd.sdnotify import Notifier
+
+if TYPE_CHECKING:  # the bus stack is imported only when a bus is used
+    from qvmd.bus.server import BusServer
 
 log = logging.getLogger("qvmd")
 
@@ -97,7 +101,7 @@ class Daemon:
         self.core = Core(lab, opts.state_dir, opts.config, DEFAULT_CONFIG_PATH, opts.netns)
         self.stopping = asyncio.Event()
         self.exit_code = 0
-        self.bus_api: object | None = None
+        self.bus_api: BusServer | None = None
 
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
@@ -131,10 +135,7 @@ class Daemon:
             # Also after a failed start: children and monitors must not leak.
             await asyncio.wait_for(self._stop(), STOP_TIMEOUT)
 
-    async def _watch_bus(self, server: object) -> None:
-        from qvmd.bus.server import BusServer
-
-        assert isinstance(server, BusServer)
+    async def _watch_bus(self, server: BusServer) -> None:
         await server.bus.wait_for_disconnect()  # type: ignore[no-untyped-call]
         if not self.stopping.is_set():
             # Without the bus nobody can reach us: exit non-zero so systemd
@@ -160,9 +161,6 @@ class Daemon:
     async def _stop(self) -> None:
         await self.core.stop()
         if self.bus_api is not None:
-            from qvmd.bus.server import BusServer
-
-            assert isinstance(self.bus_api, BusServer)
             await self.bus_api.stop()
 
 
