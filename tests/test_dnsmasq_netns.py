@@ -16,7 +16,6 @@ leaked upstream would show up as that address.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
 import os
@@ -24,13 +23,11 @@ import shutil
 import signal
 import subprocess
 import tempfile
-import threading
 import time
-from collections.abc import Callable, Coroutine, Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from ipaddress import IPv4Address
 from pathlib import Path
-from typing import Any, TypeVar
 
 import pytest
 
@@ -45,11 +42,11 @@ from qvmd.services.dnsmasq import (
 from qvmd.services.dnsredirect import apply_dns_redirect, remove_dns_redirect
 from qvmd.services.leases import LeaseChange, LeaseWatcher, guest_of, read_leases
 from qvmd.services.supervisor import Child, ChildState, terminate_stale
+from tests.loopthread import LoopThread
 from tests.netns import netns, nsrun, run
 
 pytestmark = pytest.mark.root
 
-T = TypeVar("T")
 UPSTREAM = IPv4Address("192.0.2.53")
 OUTSIDE_ANSWER = "198.51.100.7"
 LEAKED_ANSWER = "203.0.113.66"
@@ -76,23 +73,6 @@ DHCLIENT_CONF = """timeout 10;
 retry 1;
 request subnet-mask, routers, domain-name, domain-name-servers, host-name;
 """
-
-
-class LoopThread:
-    """An event loop in a thread, so the supervisor runs while sync tests act."""
-
-    def __init__(self) -> None:
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, name="test-loop")
-        self.thread.start()
-
-    def call(self, coro: Coroutine[Any, Any, T], timeout: float = 30) -> T:
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
-
-    def close(self) -> None:
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(10)
-        self.loop.close()
 
 
 @dataclass

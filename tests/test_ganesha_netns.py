@@ -17,7 +17,6 @@ packets reach ganesha: what refuses it is ganesha's client list.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import json
 import logging
@@ -26,13 +25,11 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 import uuid
-from collections.abc import Callable, Coroutine, Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path, PurePosixPath
-from typing import Any, TypeVar
 
 import pytest
 
@@ -47,31 +44,14 @@ from qvmd.services.ganesha import (
 )
 from qvmd.services.nfs_exports import Export, default_exports, resolve_exports
 from qvmd.services.supervisor import Child, ChildState, command_in_netns, terminate_stale
+from tests.loopthread import LoopThread
 from tests.netns import netns, nsrun, run
 
 pytestmark = pytest.mark.root
 
-T = TypeVar("T")
 SERVER = "10.42.0.2"
 OUTSIDE_IP = "192.0.2.77"
 UNPRIVILEGED = 1000  # a uid/gid with no account: AUTH_SYS only carries numbers
-
-
-class LoopThread:
-    """An event loop in a thread, so the supervisor runs while sync tests act."""
-
-    def __init__(self) -> None:
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, name="test-loop")
-        self.thread.start()
-
-    def call(self, coro: Coroutine[Any, Any, T], timeout: float = 30) -> T:
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
-
-    def close(self) -> None:
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(10)
-        self.loop.close()
 
 
 def wait_for(cond: Callable[[], bool], timeout: float, what: str) -> float:
