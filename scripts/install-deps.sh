@@ -13,6 +13,12 @@ PACKAGES=(
   debootstrap qemu-utils
 )
 
+# The guest image builders resolve packages they only download (never
+# install): the package lists must know them, even when nothing is missing.
+if ! apt-cache show --no-all-versions linux-image-cloud-amd64 busybox-static >/dev/null 2>&1; then
+  apt-get update -q
+fi
+
 missing=()
 for p in "${PACKAGES[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
