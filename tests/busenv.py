@@ -43,6 +43,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from qvmd.fsutil import pid_alive
+
 ROOT = Path(__file__).resolve().parent.parent
 DATA = ROOT / "data"
 OUR_BUS_POLICY = DATA / "dbus" / "org.qvm.Net.conf"
@@ -114,16 +116,6 @@ class HarnessError(RuntimeError):
 # shared registry
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 @contextmanager
 def _locked_state() -> Iterator[dict[str, Any]]:
     fd = os.open(_LOCK_PATH, os.O_RDONLY | os.O_DIRECTORY)
@@ -159,7 +151,7 @@ def _shared(
     me = os.getpid()
     with _locked_state() as state:
         entry = state.setdefault(key, {"pids": [], "undo": []})
-        entry["pids"] = [p for p in entry["pids"] if _pid_alive(p)]
+        entry["pids"] = [p for p in entry["pids"] if pid_alive(p)]
         if not entry["pids"]:
             try:
                 entry["undo"] = acquire(list(entry["undo"]))
@@ -176,7 +168,7 @@ def _shared(
             if entry is not None:
                 if me in entry["pids"]:
                     entry["pids"].remove(me)
-                entry["pids"] = [p for p in entry["pids"] if _pid_alive(p)]
+                entry["pids"] = [p for p in entry["pids"] if pid_alive(p)]
                 if not entry["pids"]:
                     release(list(entry["undo"]))
                     del state[key]
@@ -186,7 +178,7 @@ def shared_holders(key: str) -> list[int]:
     """Live pids holding a share of `key` ("polkit-files", "group-qvm")."""
     with _locked_state() as state:
         entry = state.get(key)
-        return [p for p in entry["pids"] if _pid_alive(p)] if entry else []
+        return [p for p in entry["pids"] if pid_alive(p)] if entry else []
 
 
 def shared_undo(key: str) -> list[str]:
@@ -522,7 +514,7 @@ def sweep_stale_users() -> list[str]:
     swept = []
     for entry in pwd.getpwall():
         m = _TEST_USER_RE.match(entry.pw_name)
-        if m and not _pid_alive(int(m.group(1))):
+        if m and not pid_alive(int(m.group(1))):
             _delete_user(entry.pw_name)
             swept.append(entry.pw_name)
     return swept

@@ -68,14 +68,15 @@ def sweep_stale_temp_files(directory: str | Path) -> list[Path]:
         if not name.startswith(".") or ".tmp-" not in name:
             continue
         pid = name.rsplit(".tmp-", 1)[1]
-        if not pid.isdigit() or int(pid) == os.getpid() or _alive(int(pid)):
+        if not pid.isdigit() or int(pid) == os.getpid() or pid_alive(int(pid)):
             continue
         path.unlink(missing_ok=True)
         removed.append(path)
     return removed
 
 
-def _alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether a process with this pid exists (it may belong to another user)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:

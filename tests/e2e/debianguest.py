@@ -27,7 +27,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from tests.e2e.tinyguest import QEMU, Step, log_tail, stop_qemu
+from tests.e2e.tinyguest import QEMU, Step, log_tail, run_build_script, stop_qemu
 
 REPO = Path(__file__).resolve().parents[2]
 BUILD_SCRIPT = REPO / "guests" / "debian" / "build.sh"
@@ -91,20 +91,11 @@ def cached_debian(cache: Path | None = None) -> DebianImage | None:
 
 def build_debian(cache: Path | None = None, timeout: float = 3600) -> DebianImage:
     """Build (or reuse) the debian guest; `cache` overrides QVM_GUEST_CACHE."""
-    env = dict(os.environ)
-    if cache is not None:
-        env["QVM_GUEST_CACHE"] = str(cache)
-    res = subprocess.run(
-        ["bash", str(BUILD_SCRIPT)],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=timeout,
-        check=False,
-    )
-    if res.returncode != 0:
-        raise DebianGuestError(f"{BUILD_SCRIPT} failed ({res.returncode}):\n{res.stderr[-3000:]}")
-    return _image_from_manifest(_parse_manifest(res.stdout))
+    try:
+        stdout = run_build_script(BUILD_SCRIPT, cache, timeout)
+    except RuntimeError as exc:
+        raise DebianGuestError(str(exc)) from None
+    return _image_from_manifest(_parse_manifest(stdout))
 
 
 def make_overlay(image: DebianImage, uid: int, gid: int) -> Path:

@@ -83,13 +83,14 @@ class Step:
         return m.group(1) if m else None
 
 
-def build_tiny(cache: Path | None = None, timeout: float = 900) -> TinyImage:
-    """Build (or reuse) the tiny guest; `cache` overrides QVM_GUEST_CACHE."""
+def run_build_script(script: Path, cache: Path | None, timeout: float) -> str:
+    """Run a guests/*/build.sh (`cache` overrides QVM_GUEST_CACHE); its stdout
+    is the manifest. A failure raises RuntimeError with the end of stderr."""
     env = dict(os.environ)
     if cache is not None:
         env["QVM_GUEST_CACHE"] = str(cache)
     res = subprocess.run(
-        ["bash", str(BUILD_SCRIPT)],
+        ["bash", str(script)],
         capture_output=True,
         text=True,
         env=env,
@@ -97,8 +98,17 @@ def build_tiny(cache: Path | None = None, timeout: float = 900) -> TinyImage:
         check=False,
     )
     if res.returncode != 0:
-        raise TinyGuestError(f"{BUILD_SCRIPT} failed ({res.returncode}):\n{res.stderr[-3000:]}")
-    manifest = dict(line.split("=", 1) for line in res.stdout.splitlines() if "=" in line)
+        raise RuntimeError(f"{script} failed ({res.returncode}):\n{res.stderr[-3000:]}")
+    return res.stdout
+
+
+def build_tiny(cache: Path | None = None, timeout: float = 900) -> TinyImage:
+    """Build (or reuse) the tiny guest; `cache` overrides QVM_GUEST_CACHE."""
+    try:
+        stdout = run_build_script(BUILD_SCRIPT, cache, timeout)
+    except RuntimeError as exc:
+        raise TinyGuestError(str(exc)) from None
+    manifest = dict(line.split("=", 1) for line in stdout.splitlines() if "=" in line)
     try:
         image = TinyImage(
             kernel=Path(manifest["kernel"]),
@@ -107,7 +117,7 @@ def build_tiny(cache: Path | None = None, timeout: float = 900) -> TinyImage:
             manifest=manifest,
         )
     except KeyError as e:
-        raise TinyGuestError(f"build printed no {e.args[0]}=:\n{res.stdout}") from None
+        raise TinyGuestError(f"build printed no {e.args[0]}=:\n{stdout}") from None
     for path in (image.kernel, image.initrd):
         if not path.is_file():
             raise TinyGuestError(f"build reported {path}, which does not exist")
