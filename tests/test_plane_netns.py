@@ -104,10 +104,40 @@ def wait_quiet(path: Path, quiet: float = 1.5, limit: float = 10) -> int:
     raise AssertionError(f"kernel events never settled:\n{path.read_text()}")
 
 
+def wait_ipv6_settled(netns: str, links_with_carrier: tuple[str, ...], limit: float = 10) -> None:
+    """Wait until IPv6 duplicate address detection is over on the given links.
+
+    The kernel gives a link with carrier an fe80:: address and announces it
+    again when DAD completes, up to ~2 s later (random start delay + one
+    probe interval). Those are the kernel's events, not qvmd's; let them
+    pass before the quiet window the test measures.
+    """
+    import time
+
+    deadline = time.monotonic() + limit
+    while True:
+        out = nsrun(netns, "ip", "-j", "-6", "address", "show").stdout
+        addrs = {
+            link["ifname"]: link.get("addr_info", []) for link in json.loads(out or "[]")
+        }
+        pending = [
+            name
+            for name in links_with_carrier
+            if not any(a.get("scope") == "link" for a in addrs.get(name, []))
+            or any(a.get("tentative") for a in addrs.get(name, []))
+        ]
+        if not pending:
+            return
+        if time.monotonic() > deadline:
+            raise AssertionError(f"IPv6 DAD never settled on {pending}: {out}")
+        time.sleep(0.1)
+
+
 def test_second_reconcile_changes_nothing(qvmd: Qvmd, tmp_path: Path) -> None:
     qvmd.start()
     qvmd.wait_ready()
     qvmd.stop()
+    wait_ipv6_settled(qvmd.netns, ("qvm0", "qvm0-svc"))
     log = tmp_path / "monitor.log"
     with open(log, "w") as sink:
         monitor = subprocess.Popen(
