@@ -117,9 +117,7 @@ def wait_ipv6_settled(netns: str, links_with_carrier: tuple[str, ...], limit: fl
     deadline = time.monotonic() + limit
     while True:
         out = nsrun(netns, "ip", "-j", "-6", "address", "show").stdout
-        addrs = {
-            link["ifname"]: link.get("addr_info", []) for link in json.loads(out or "[]")
-        }
+        addrs = {link["ifname"]: link.get("addr_info", []) for link in json.loads(out or "[]")}
         pending = [
             name
             for name in links_with_carrier
