@@ -23,6 +23,7 @@ venv: deps $(BIN)/qvmd
 
 lint: venv
 	$(BIN)/ruff check src tests tools bench
+	$(BIN)/ruff format --check src tests tools bench
 	$(BIN)/mypy src tests tools bench
 
 test: lint

@@ -21,6 +21,7 @@ import pytest
 
 from qvmd.bus.api import build_interface
 from qvmd.bus.service import introspection_xml
+from qvmd.taps import MAX_TAPS_PER_UID
 from tests import busenv
 from tests.netns import nsrun
 from tests.qvmd_proc import Qvmd, qvmd_sandbox
@@ -196,6 +197,35 @@ def test_someone_elses_tap_is_busy(lab: Qvmd, system_bus: str, bus_users: busenv
     finally:
         assert qvmctl(None, system_bus, "tap", "delete", "qvm0tap30").returncode == 0
     assert tap_info(lab, "qvm0tap30") is None
+
+
+def call_net(
+    user: busenv.User | None, bus: str, method: str, *args: str
+) -> subprocess.CompletedProcess[str]:
+    return busctl(user, bus, "call", "org.qvm.Net", "/org/qvm/Net", "org.qvm.Net", method, *args)
+
+
+def test_per_user_tap_limit_binds_members_not_admins(
+    lab: Qvmd, system_bus: str, bus_users: busenv.TestUsers
+) -> None:
+    member = bus_users.member
+    names = [f"qvm0tap{200 + i}" for i in range(MAX_TAPS_PER_UID + 1)]
+    try:
+        for name in names[:-1]:
+            out = call_net(member, system_bus, "CreateTap", "sa{sv}", name, "0")
+            assert out.returncode == 0, (name, out.stderr)
+        over = call_net(member, system_bus, "CreateTap", "sa{sv}", names[-1], "0")
+        assert over.returncode != 0 and f"(limit {MAX_TAPS_PER_UID})" in over.stderr, over.stderr
+        assert tap_info(lab, names[-1]) is None
+        # root is not bound by it, also when making one for that member
+        out = call_net(
+            None, system_bus, "CreateTap", "sa{sv}", names[-1], "1", "owner", "u", str(member.uid)
+        )
+        assert out.returncode == 0, out.stderr
+    finally:
+        for name in names:
+            call_net(None, system_bus, "DeleteTap", "s", name)
+    assert not any(tap_info(lab, n) for n in names)
 
 
 def test_user_deletes_own_dynamic_tap(

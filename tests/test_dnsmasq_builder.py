@@ -108,8 +108,14 @@ def test_conf_follows_the_model() -> None:
 
 def test_guest_added_changes_only_reloadable_files() -> None:
     lab = default_lab()
-    extra = Guest("wk-3", "wk-3.qvm0.lan", IPv4Address("10.42.0.13"), "52:54:0a:2a:00:0d",
-                  "qvm0tap3", lab.tap_owner)
+    extra = Guest(
+        "wk-3",
+        "wk-3.qvm0.lan",
+        IPv4Address("10.42.0.13"),
+        "52:54:0a:2a:00:0d",
+        "qvm0tap3",
+        lab.tap_owner,
+    )
     before = build_dnsmasq_files(lab, PATHS, [])
     after = build_dnsmasq_files(replace(lab, guests=(*lab.guests, extra)), PATHS, [])
     assert before.conf == after.conf
@@ -151,7 +157,9 @@ def test_servers_file_dedups_and_may_be_empty() -> None:
 
 def test_argv_and_child_spec() -> None:
     assert dnsmasq_argv(PATHS) == [
-        "dnsmasq", "--keep-in-foreground", "--conf-file=/var/lib/qvmd/dnsmasq/dnsmasq.conf"
+        "dnsmasq",
+        "--keep-in-foreground",
+        "--conf-file=/var/lib/qvmd/dnsmasq/dnsmasq.conf",
     ]
     spec = dnsmasq_child(default_lab("qvm-x"), PATHS)
     assert spec.netns == "qvm-x" and spec.argv[0] == "dnsmasq"
@@ -209,14 +217,17 @@ RESOLVED_REAL = "nameserver 192.0.2.1\nnameserver 2001:db8::1\nnameserver 192.0.
     ("resolv", "resolved", "servers", "source"),
     [
         ("nameserver 10.255.255.53\n", None, ["10.255.255.53"], "/etc/resolv.conf"),
-        (RESOLVED_STUB, RESOLVED_REAL, ["192.0.2.1", "192.0.2.2"],
-         "/run/systemd/resolve/resolv.conf"),
+        (
+            RESOLVED_STUB,
+            RESOLVED_REAL,
+            ["192.0.2.1", "192.0.2.2"],
+            "/run/systemd/resolve/resolv.conf",
+        ),
         # resolv.conf names real servers: resolved's file is not used.
         ("nameserver 192.0.2.7\n", RESOLVED_REAL, ["192.0.2.7"], "/etc/resolv.conf"),
         # stub but resolved's file is missing: nothing usable.
         (RESOLVED_STUB, None, [], "/etc/resolv.conf"),
-        ("nameserver 127.0.0.1\nnameserver 192.0.2.3\n", None, ["192.0.2.3"],
-         "/etc/resolv.conf"),
+        ("nameserver 127.0.0.1\nnameserver 192.0.2.3\n", None, ["192.0.2.3"], "/etc/resolv.conf"),
         ("", None, [], "/etc/resolv.conf"),
     ],
 )
@@ -264,8 +275,9 @@ duid 00:01:00:01:2c:00:00:00:52:54:00:00:00:01
 def test_parse_leases() -> None:
     leases = parse_leases(LEASES)
     assert leases == (
-        Lease("52:54:0a:2a:00:0a", IPv4Address("10.42.0.10"), "cp", 1800000000,
-              "01:52:54:0a:2a:00:0a"),
+        Lease(
+            "52:54:0a:2a:00:0a", IPv4Address("10.42.0.10"), "cp", 1800000000, "01:52:54:0a:2a:00:0a"
+        ),
         Lease("52:54:0a:2a:00:0b", IPv4Address("10.42.0.11"), None, None, None),
     )
 
@@ -283,9 +295,7 @@ def test_diff_leases() -> None:
     b = Lease("52:54:0a:2a:00:0b", IPv4Address("10.42.0.11"), "wk-1", 100, None)
     a2 = replace(a, expiry=200)
     changes = diff_leases((a, b), (a2,))
-    assert [(c.kind, c.lease.mac) for c in changes] == [
-        ("changed", a.mac), ("removed", b.mac)
-    ]
+    assert [(c.kind, c.lease.mac) for c in changes] == [("changed", a.mac), ("removed", b.mac)]
     assert changes[0].old == a
     assert [c.kind for c in diff_leases((), (a,))] == ["added"]
     assert diff_leases((a,), (a,)) == ()

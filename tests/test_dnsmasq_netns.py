@@ -87,8 +87,15 @@ class Env:
 
     def dig(self, *args: str, port: int = 53) -> subprocess.CompletedProcess[str]:
         return nsrun(
-            self.host, "dig", "+time=1", "+tries=1", "-p", str(port),
-            f"@{self.lab.services.address}", *args, check=False,
+            self.host,
+            "dig",
+            "+time=1",
+            "+tries=1",
+            "-p",
+            str(port),
+            f"@{self.lab.services.address}",
+            *args,
+            check=False,
         )
 
     def answer(self, *args: str, port: int = 53) -> list[str]:
@@ -145,26 +152,66 @@ def env() -> Iterator[Env]:
         nsrun(host, "ip", "link", "add", "qvm0", "type", "bridge")
         nsrun(host, "ip", "addr", "add", "10.42.0.1/24", "dev", "qvm0")
         nsrun(host, "ip", "link", "set", "qvm0", "up")
-        nsrun(host, "ip", "link", "add", "qvm0-svc", "type", "veth", "peer", "name", "veth0",
-              "netns", svc)
+        nsrun(
+            host,
+            "ip",
+            "link",
+            "add",
+            "qvm0-svc",
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "veth0",
+            "netns",
+            svc,
+        )
         nsrun(host, "ip", "link", "set", "qvm0-svc", "master", "qvm0", "up")
         nsrun(svc, "ip", "addr", "add", "10.42.0.2/24", "dev", "veth0")
         nsrun(svc, "ip", "link", "set", "veth0", "up")
         nsrun(svc, "ip", "route", "add", "default", "via", "10.42.0.1")
-        nsrun(host, "ip", "link", "add", "inet0", "type", "veth", "peer", "name", "eth0",
-              "netns", inet)
+        nsrun(
+            host,
+            "ip",
+            "link",
+            "add",
+            "inet0",
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "eth0",
+            "netns",
+            inet,
+        )
         nsrun(host, "ip", "addr", "add", "192.0.2.1/24", "dev", "inet0")
         nsrun(host, "ip", "link", "set", "inet0", "up")
         nsrun(inet, "ip", "addr", "add", f"{UPSTREAM}/24", "dev", "eth0")
         nsrun(inet, "ip", "link", "set", "eth0", "up")
         nsrun(inet, "ip", "route", "add", "default", "via", "192.0.2.1")
 
-        upstream = stack.enter_context(process([
-            "ip", "netns", "exec", inet, "dnsmasq", "--keep-in-foreground", "--conf-file=/dev/null",
-            "--no-hosts", "--no-resolv", "--bind-interfaces", "--interface=eth0",
-            "--except-interface=lo", "--pid-file=", "--log-facility=-",
-            f"--address=/example.test/{OUTSIDE_ANSWER}", f"--address=/qvm0.lan/{LEAKED_ANSWER}",
-        ]))
+        upstream = stack.enter_context(
+            process(
+                [
+                    "ip",
+                    "netns",
+                    "exec",
+                    inet,
+                    "dnsmasq",
+                    "--keep-in-foreground",
+                    "--conf-file=/dev/null",
+                    "--no-hosts",
+                    "--no-resolv",
+                    "--bind-interfaces",
+                    "--interface=eth0",
+                    "--except-interface=lo",
+                    "--pid-file=",
+                    "--log-facility=-",
+                    f"--address=/example.test/{OUTSIDE_ANSWER}",
+                    f"--address=/qvm0.lan/{LEAKED_ANSWER}",
+                ]
+            )
+        )
 
         # dnsmasq re-reads its files after dropping root: every parent
         # directory must be traversable by its user (mkdtemp makes 0700).
@@ -174,21 +221,34 @@ def env() -> Iterator[Env]:
         paths = DnsmasqPaths(top / "dnsmasq")
 
         lab = default_lab(svc)
-        assert write_dnsmasq_files(paths, build_dnsmasq_files(lab, paths, [UPSTREAM])) \
+        assert (
+            write_dnsmasq_files(paths, build_dnsmasq_files(lab, paths, [UPSTREAM]))
             is Change.RESTART
+        )
         assert apply_dns_redirect(lab) is True
         assert apply_dns_redirect(lab) is False, "a second apply must change nothing"
         stack.callback(remove_dns_redirect, svc)
 
         # A dnsmasq left behind by a killed qvmd holds the ports: it is
         # recognised by its pid file and conf path, and ended first.
-        stale = subprocess.Popen(["nsenter", f"--net=/run/netns/{svc}", "--", "dnsmasq",
-                                  "--keep-in-foreground", f"--conf-file={paths.conf}"],
-                                 stderr=subprocess.DEVNULL)
+        stale = subprocess.Popen(
+            [
+                "nsenter",
+                f"--net=/run/netns/{svc}",
+                "--",
+                "dnsmasq",
+                "--keep-in-foreground",
+                f"--conf-file={paths.conf}",
+            ],
+            stderr=subprocess.DEVNULL,
+        )
         stack.callback(stale.wait)
         stack.callback(stale.kill)
-        wait_for(lambda: paths.pid.exists() and paths.pid.read_text().strip() == str(stale.pid),
-                 5, "the stale dnsmasq's pid file")
+        wait_for(
+            lambda: paths.pid.exists() and paths.pid.read_text().strip() == str(stale.pid),
+            5,
+            "the stale dnsmasq's pid file",
+        )
         assert terminate_stale(paths.pid, str(paths.conf)) == stale.pid
         assert stale.wait(5) == 0  # dnsmasq ends cleanly on SIGTERM
 
@@ -200,11 +260,28 @@ def env() -> Iterator[Env]:
 
         e = Env(host, svc, inet, lab, paths, child, loop)
         # dnsmasq has no readiness signal; it serves once it answers.
-        wait_for(lambda: e.dig("+short", "cp.qvm0.lan").stdout.strip() == "10.42.0.10", 10,
-                 "our dnsmasq to answer")
-        wait_for(lambda: nsrun(host, "dig", "+short", "+time=1", "+tries=1", f"@{UPSTREAM}",
-                               "www.example.test", check=False).stdout.strip() == OUTSIDE_ANSWER,
-                 10, "the upstream dnsmasq to answer")
+        wait_for(
+            lambda: e.dig("+short", "cp.qvm0.lan").stdout.strip() == "10.42.0.10",
+            10,
+            "our dnsmasq to answer",
+        )
+        wait_for(
+            lambda: (
+                nsrun(
+                    host,
+                    "dig",
+                    "+short",
+                    "+time=1",
+                    "+tries=1",
+                    f"@{UPSTREAM}",
+                    "www.example.test",
+                    check=False,
+                ).stdout.strip()
+                == OUTSIDE_ANSWER
+            ),
+            10,
+            "the upstream dnsmasq to answer",
+        )
         assert upstream.poll() is None
         yield e
 
@@ -214,8 +291,22 @@ def guest_ns(env: Env, mac: str) -> Iterator[str]:
     """A namespace whose eth0 carries `mac`, plugged into the bridge."""
     with netns("g") as ns:
         port = f"qvtg{os.getpid() % 10000}{next(_port_ids)}"
-        nsrun(env.host, "ip", "link", "add", port, "type", "veth", "peer", "name", "eth0",
-              "address", mac, "netns", ns)
+        nsrun(
+            env.host,
+            "ip",
+            "link",
+            "add",
+            port,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "eth0",
+            "address",
+            mac,
+            "netns",
+            ns,
+        )
         nsrun(env.host, "ip", "link", "set", port, "master", "qvm0", "up")
         nsrun(ns, "ip", "link", "set", "eth0", "up")
         try:
@@ -235,8 +326,24 @@ def udhcpc(ns: str, workdir: Path, tries: int = 3) -> subprocess.CompletedProces
     script = workdir / "udhcpc.sh"
     script.write_text(UDHCPC_SCRIPT)
     script.chmod(0o755)
-    return nsrun(ns, "busybox", "udhcpc", "-i", "eth0", "-n", "-q", "-f", "-t", str(tries),
-                 "-T", "1", "-s", str(script), check=False, timeout=30)
+    return nsrun(
+        ns,
+        "busybox",
+        "udhcpc",
+        "-i",
+        "eth0",
+        "-n",
+        "-q",
+        "-f",
+        "-t",
+        str(tries),
+        "-T",
+        "1",
+        "-s",
+        str(script),
+        check=False,
+        timeout=30,
+    )
 
 
 def dhclient(ns: str, workdir: Path) -> subprocess.CompletedProcess[str]:
@@ -249,9 +356,23 @@ def dhclient(ns: str, workdir: Path) -> subprocess.CompletedProcess[str]:
     try:
         # -1: one attempt, then exit non-zero; -d: stay in the foreground is
         # not wanted (it would never exit), so it forks once bound.
-        return nsrun(ns, "dhclient", "-1", "-4", "-sf", str(script), "-cf", str(conf),
-                     "-lf", str(workdir / "dhclient.leases"), "-pf", str(pidfile), "eth0",
-                     check=False, timeout=30)
+        return nsrun(
+            ns,
+            "dhclient",
+            "-1",
+            "-4",
+            "-sf",
+            str(script),
+            "-cf",
+            str(conf),
+            "-lf",
+            str(workdir / "dhclient.leases"),
+            "-pf",
+            str(pidfile),
+            "eth0",
+            check=False,
+            timeout=30,
+        )
     finally:
         with contextlib.suppress(FileNotFoundError, ValueError, ProcessLookupError):
             os.kill(int(pidfile.read_text().strip()), signal.SIGTERM)
@@ -267,10 +388,12 @@ def expected(env: Env, guest: Guest) -> dict[str, str]:
     }
 
 
-@pytest.mark.parametrize(("client", "guest_name"),
-                         [("udhcpc", "cp"), ("dhclient", "wk-1"), ("udhcpc", "wk-2")])
-def test_guest_gets_exactly_its_lease(env: Env, client: str, guest_name: str,
-                                      tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("client", "guest_name"), [("udhcpc", "cp"), ("dhclient", "wk-1"), ("udhcpc", "wk-2")]
+)
+def test_guest_gets_exactly_its_lease(
+    env: Env, client: str, guest_name: str, tmp_path: Path
+) -> None:
     guest = env.lab.guest(guest_name)
     assert guest is not None
     seen: list[LeaseChange] = []
@@ -295,8 +418,9 @@ def test_guest_gets_exactly_its_lease(env: Env, client: str, guest_name: str,
     assert guest_of(mine[-1].lease, env.lab) == guest_name
 
 
-def test_unknown_mac_gets_no_lease(env: Env, tmp_path: Path,
-                                   caplog: pytest.LogCaptureFixture) -> None:
+def test_unknown_mac_gets_no_lease(
+    env: Env, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     caplog.set_level(logging.INFO, logger="qvmd.child.dnsmasq")
     mac = "52:54:00:99:99:99"
     with guest_ns(env, mac) as ns:
@@ -305,8 +429,11 @@ def test_unknown_mac_gets_no_lease(env: Env, tmp_path: Path,
     assert "ip=" not in res.stdout
     assert all(lease.mac != mac for lease in read_leases(env.paths.leases))
     # dnsmasq's own reason, streamed into our log by the supervisor.
-    wait_for(lambda: any(f"{mac} no address available" in r.getMessage()
-                         for r in caplog.records), 2, "dnsmasq's refusal in the log")
+    wait_for(
+        lambda: any(f"{mac} no address available" in r.getMessage() for r in caplog.records),
+        2,
+        "dnsmasq's refusal in the log",
+    )
 
 
 def test_lab_names_answer_on_53_and_5300(env: Env) -> None:
@@ -346,8 +473,9 @@ def test_listens_only_on_the_services_interface(env: Env) -> None:
     # for DHCP, 0.0.0.0:67 bound to the device (shown as 0.0.0.0%veth0:67).
     listening = {line.split()[3] for line in ss.splitlines() if "dnsmasq" in line}
     assert "10.42.0.2:53" in listening, ss
-    stray = {a for a in listening
-             if not a.startswith(("10.42.0.2:", "[fe80::")) and "%veth0" not in a}
+    stray = {
+        a for a in listening if not a.startswith(("10.42.0.2:", "[fe80::")) and "%veth0" not in a
+    }
     assert not stray, f"dnsmasq listens beyond veth0: {stray}\n{ss}"
 
 
@@ -358,8 +486,11 @@ def test_kill_9_dnsmasq_answers_again_within_2s(env: Env) -> None:
     os.kill(before.pid, signal.SIGKILL)
     t0 = time.monotonic()
     wait_for(lambda: env.child.status().pid not in (None, before.pid), 2, "a new dnsmasq")
-    wait_for(lambda: env.dig("+short", "cp.qvm0.lan").stdout.strip() == "10.42.0.10", 2,
-             "answers after kill -9")
+    wait_for(
+        lambda: env.dig("+short", "cp.qvm0.lan").stdout.strip() == "10.42.0.10",
+        2,
+        "answers after kill -9",
+    )
     elapsed = time.monotonic() - t0
     print(f"\ndnsmasq answered again {elapsed:.3f}s after kill -9")
     assert elapsed < 2.0
@@ -381,8 +512,11 @@ def test_guest_added_by_reload_keeps_the_others(env: Env, tmp_path: Path) -> Non
     change = write_dnsmasq_files(env.paths, build_dnsmasq_files(bigger, env.paths, [UPSTREAM]))
     assert change is Change.RELOAD, "adding a guest must not need a restart"
     assert env.reload()
-    wait_for(lambda: env.dig("+short", "wk-3.qvm0.lan").stdout.strip() == "10.42.0.13", 5,
-             "the new guest's name")
+    wait_for(
+        lambda: env.dig("+short", "wk-3.qvm0.lan").stdout.strip() == "10.42.0.13",
+        5,
+        "the new guest's name",
+    )
     with guest_ns(env, new.mac) as ns:
         res = udhcpc(ns, tmp_path)
     assert res.returncode == 0, res.stdout + res.stderr

@@ -9,16 +9,42 @@ from typing import Any
 
 import pytest
 
-from qvmd import links, rtdump, tuntap
-from qvmd.linkstate import LinkState
+from qvmd import rtdump, tuntap
+from qvmd.linkstate import LinkState, TunInfo
 from qvmd.nlworker import NetlinkWorker
 from tests.netns import netns, nsrun
 
 pytestmark = pytest.mark.root
 
 
+def pyroute2_link(msg: Any) -> LinkState:
+    """The reference: the same fields through pyroute2's full parse."""
+    info = msg.get_attr("IFLA_LINKINFO")
+    kind = info.get_attr("IFLA_INFO_KIND") if info else None
+    tun = None
+    if kind == "tun":
+        data = info.get_attr("IFLA_INFO_DATA")
+        tun = TunInfo(
+            owner=data.get_attr("IFLA_TUN_OWNER"),
+            group=data.get_attr("IFLA_TUN_GROUP"),
+            multi_queue=bool(data.get_attr("IFLA_TUN_MULTI_QUEUE")),
+            persist=bool(data.get_attr("IFLA_TUN_PERSIST")),
+            is_tap=data.get_attr("IFLA_TUN_TYPE") == 2,
+        )
+    return LinkState(
+        index=msg["index"],
+        name=msg.get_attr("IFLA_IFNAME"),
+        kind=kind,
+        up=bool(msg["flags"] & 1),
+        carrier=bool(msg.get_attr("IFLA_CARRIER")),
+        master=msg.get_attr("IFLA_MASTER"),
+        mac=msg.get_attr("IFLA_ADDRESS") or "",
+        tun=tun,
+    )
+
+
 def pyroute2_snapshot(ipr: Any) -> dict[str, LinkState]:
-    out = {s.name: s for s in map(links._link_state, ipr.get_links())}
+    out = {s.name: s for s in map(pyroute2_link, ipr.get_links())}
     by_index = {s.index: s for s in out.values()}
     for msg in ipr.get_addr(family=socket.AF_INET):
         by_index[msg["index"]].addresses.append(
@@ -46,11 +72,16 @@ def test_rtdump_matches_pyroute2() -> None:
             nsrun(ns, "ip", "link", "set", "t0", "master", "br0", "up")
             ours = worker.run_sync(lambda _ipr: rtdump.dump_links())
             theirs = worker.run_sync(pyroute2_snapshot)
+            one_by_one = {
+                name: worker.run_sync(lambda _ipr, n=name: rtdump.get_link(n)) for name in theirs
+            }
+            missing = worker.run_sync(lambda _ipr: rtdump.get_link("nosuchlink"))
         finally:
             worker.close()
     assert set(ours) == set(theirs) == {"lo", "br0", "v0", "v1", "t0", "t1"}
     for name in ours:
-        assert ours[name] == theirs[name], name
+        assert ours[name] == theirs[name] == one_by_one[name], name
+    assert missing is None
     assert ours["t1"].tun is not None and ours["t1"].tun.group == 4242
     assert ours["t1"].tun.multi_queue and ours["t0"].master == ours["br0"].index
     assert IPv4Interface("10.9.1.1/16") in ours["br0"].addresses

@@ -252,8 +252,10 @@ async def test_runs_inside_the_named_network_namespace(
         child = Child(ChildSpec("lister", ("sh", "-c", "ip -br link; exec sleep 60"), netns=ns))
         child.start()
         try:
-            await until(lambda: any("qvtmark0" in r.getMessage() for r in caplog.records),
-                        what="the namespace's marker link in the child's output")
+            await until(
+                lambda: any("qvtmark0" in r.getMessage() for r in caplog.records),
+                what="the namespace's marker link in the child's output",
+            )
             pid = child.status().pid
             assert pid is not None
             ns_ino = os.stat(f"/run/netns/{ns}").st_ino

@@ -68,7 +68,8 @@ class CertService:
         async with self._lock:
             owners = self._state().cert_owners
             key = str(name)
-            if guest is None and not caller.admin:
+            admin = await caller.is_admin()
+            if guest is None and not admin:
                 owner = owners.get(key)
                 if owner is not None and owner != caller.uid:
                     raise PermissionDenied(f"the certificate for {key} belongs to another user")
@@ -86,7 +87,7 @@ class CertService:
                 "reissued": issued.reason or "",
             }
         )
-        if caller.admin or guest is None:
+        if admin or guest is None:
             out["key_pem"] = issued.key_pem.decode()
             out["key_path"] = str(issued.paths.key)
         return out

@@ -265,7 +265,7 @@ class Core:
         self, caller: Caller, proto: str, host_port: int, guest: str, guest_port: int
     ) -> dict[str, Any]:
         fwd = await self.firewall.add(
-            self.lab, proto, host_port, guest, guest_port, caller.uid, caller.admin
+            self.lab, proto, host_port, guest, guest_port, caller.uid, await caller.is_admin()
         )
         log.info(
             "forward %s/%d -> %s:%d by uid %d",
@@ -279,7 +279,9 @@ class Core:
         return forward_dict(fwd)
 
     async def remove_forward(self, caller: Caller, proto: str, host_port: int) -> None:
-        gone = await self.firewall.remove(self.lab, proto, host_port, caller.uid, caller.admin)
+        gone = await self.firewall.remove(
+            self.lab, proto, host_port, caller.uid, await caller.is_admin()
+        )
         log.info("removed forward %s/%d by uid %d", gone.proto, gone.host_port, caller.uid)
 
     def list_forwards(self) -> list[dict[str, Any]]:

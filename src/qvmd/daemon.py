@@ -89,8 +89,14 @@ def parse_args(argv: list[str] | None = None) -> Options:
             or ("unix:path=/run/dbus/system_bus_socket")
         )
     return Options(
-        a.config, a.state_dir, a.netns, a.teardown, a.check_config, a.prepare_netns,
-        a.log_level, bus,
+        a.config,
+        a.state_dir,
+        a.netns,
+        a.teardown,
+        a.check_config,
+        a.prepare_netns,
+        a.log_level,
+        bus,
     )
 
 

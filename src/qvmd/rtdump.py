@@ -1,5 +1,4 @@
-"""Dump the links and IPv4 addresses of a namespace, reading only what qvmd
-uses.
+"""Read the links and IPv4 addresses of a namespace, only what qvmd uses.
 
 pyroute2 parses every attribute of every link into Python objects (~0.3 ms
 and tens of KB per link: 0.5 s and +33 MB for a dump of 1,000 TAPs). A full
@@ -11,6 +10,7 @@ socket is opened in that thread's namespace.
 
 from __future__ import annotations
 
+import errno
 import socket
 import struct
 from collections.abc import Iterator
@@ -20,7 +20,7 @@ from qvmd.linkstate import LinkState, TunInfo
 
 NETLINK_ROUTE = 0
 RTM_NEWLINK, RTM_GETLINK, RTM_NEWADDR, RTM_GETADDR = 16, 18, 20, 22
-NLM_F_REQUEST, NLM_F_DUMP = 0x1, 0x300
+NLM_F_REQUEST, NLM_F_ACK, NLM_F_DUMP = 0x1, 0x4, 0x300
 NLMSG_ERROR, NLMSG_DONE = 2, 3
 IFLA_ADDRESS, IFLA_IFNAME, IFLA_MASTER, IFLA_LINKINFO = 1, 3, 10, 18
 IFLA_EXT_MASK, IFLA_CARRIER = 29, 33
@@ -37,7 +37,7 @@ _IFADDR = struct.Struct("=BBBBI")
 _NLA = struct.Struct("=HH")
 
 
-def _attrs(data: bytes, offset: int, end: int) -> Iterator[tuple[int, bytes]]:
+def attrs(data: bytes, offset: int, end: int) -> Iterator[tuple[int, bytes]]:
     while offset + 4 <= end:
         length, kind = _NLA.unpack_from(data, offset)
         if length < 4:
@@ -50,12 +50,14 @@ def _u32(value: bytes) -> int:
     return int(struct.unpack("=I", value[:4])[0])
 
 
-def _request(sock: socket.socket, msg_type: int, body: bytes) -> Iterator[tuple[int, bytes]]:
-    """Send one dump request; yield (message type, payload) until DONE."""
+def _request(
+    sock: socket.socket, msg_type: int, body: bytes, dump: bool = True
+) -> Iterator[tuple[int, bytes]]:
+    """Send one request; yield (message type, payload) until DONE (a dump) or
+    the acknowledgement (a single get: NLM_F_ACK ends it with error 0)."""
     seq = 1
-    sock.send(
-        _NLMSG.pack(_NLMSG.size + len(body), msg_type, NLM_F_REQUEST | NLM_F_DUMP, seq, 0) + body
-    )
+    flags = NLM_F_REQUEST | (NLM_F_DUMP if dump else NLM_F_ACK)
+    sock.send(_NLMSG.pack(_NLMSG.size + len(body), msg_type, flags, seq, 0) + body)
     while True:
         data = sock.recv(1 << 20)
         offset = 0
@@ -72,46 +74,79 @@ def _request(sock: socket.socket, msg_type: int, body: bytes) -> Iterator[tuple[
             if kind == NLMSG_ERROR:
                 errno_ = -struct.unpack("=i", payload[:4])[0]
                 if errno_:
-                    raise OSError(errno_, f"netlink dump failed ({msg_type})")
+                    raise OSError(errno_, f"netlink request {msg_type} failed")
                 return
             yield kind, payload
 
 
+def _socket() -> socket.socket:
+    sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC, NETLINK_ROUTE)
+    sock.bind((0, 0))
+    return sock
+
+
+_SKIP_STATS = _NLA.pack(8, IFLA_EXT_MASK) + struct.pack("=I", RTEXT_FILTER_SKIP_STATS)
+
+
 def dump_links() -> dict[str, LinkState]:
     """Every link of the calling thread's namespace, with its IPv4 addresses."""
-    with socket.socket(
-        socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC, NETLINK_ROUTE
-    ) as sock:
-        sock.bind((0, 0))
-        ext = _NLA.pack(8, IFLA_EXT_MASK) + struct.pack("=I", RTEXT_FILTER_SKIP_STATS)
-        ifinfo = _IFINFO.pack(socket.AF_UNSPEC, 0, 0, 0, 0) + ext
-        links: dict[str, LinkState] = {}
-        by_index: dict[int, LinkState] = {}
-        for kind, payload in _request(sock, RTM_GETLINK, ifinfo):
-            if kind == RTM_NEWLINK:
-                state = _link(payload)
-                links[state.name] = state
-                by_index[state.index] = state
-        for kind, payload in _request(sock, RTM_GETADDR, _IFADDR.pack(socket.AF_INET, 0, 0, 0, 0)):
-            family, prefixlen, _flags, _scope, index = _IFADDR.unpack_from(payload)
-            owner = by_index.get(index)
-            if kind != RTM_NEWADDR or family != socket.AF_INET or owner is None:
-                continue
-            attrs = dict(_attrs(payload, _IFADDR.size, len(payload)))
-            # IFA_LOCAL is the interface's own address; IFA_ADDRESS the peer's
-            # on point-to-point links and the same otherwise.
-            raw = attrs.get(IFA_LOCAL) or attrs.get(IFA_ADDRESS)
-            if raw:
-                owner.addresses.append(IPv4Interface(f"{socket.inet_ntoa(raw[:4])}/{prefixlen}"))
-    return links
+    with _socket() as sock:
+        ifinfo = _IFINFO.pack(socket.AF_UNSPEC, 0, 0, 0, 0) + _SKIP_STATS
+        by_index = {
+            state.index: state
+            for state in (
+                parse_link(payload)
+                for kind, payload in _request(sock, RTM_GETLINK, ifinfo)
+                if kind == RTM_NEWLINK
+            )
+        }
+        _add_addresses(sock, by_index)
+    return {state.name: state for state in by_index.values()}
 
 
-def _link(payload: bytes) -> LinkState:
+def get_link(name: str) -> LinkState | None:
+    """One link of the calling thread's namespace by name, with its IPv4
+    addresses; None if there is no such link."""
+    raw = name.encode()
+    attr = _NLA.pack(4 + len(raw) + 1, IFLA_IFNAME) + raw + b"\0"
+    attr += b"\0" * (-len(attr) % 4)
+    with _socket() as sock:
+        ifinfo = _IFINFO.pack(socket.AF_UNSPEC, 0, 0, 0, 0) + attr + _SKIP_STATS
+        try:
+            found = [
+                p for k, p in _request(sock, RTM_GETLINK, ifinfo, dump=False) if k == RTM_NEWLINK
+            ]
+        except OSError as exc:
+            if exc.errno == errno.ENODEV:
+                return None
+            raise
+        if not found:
+            return None
+        state = parse_link(found[0])
+        _add_addresses(sock, {state.index: state})
+    return state
+
+
+def _add_addresses(sock: socket.socket, by_index: dict[int, LinkState]) -> None:
+    for kind, payload in _request(sock, RTM_GETADDR, _IFADDR.pack(socket.AF_INET, 0, 0, 0, 0)):
+        family, prefixlen, _flags, _scope, index = _IFADDR.unpack_from(payload)
+        owner = by_index.get(index)
+        if kind != RTM_NEWADDR or family != socket.AF_INET or owner is None:
+            continue
+        found = dict(attrs(payload, _IFADDR.size, len(payload)))
+        # IFA_LOCAL is the interface's own address; IFA_ADDRESS the peer's
+        # on point-to-point links and the same otherwise.
+        raw = found.get(IFA_LOCAL) or found.get(IFA_ADDRESS)
+        if raw:
+            owner.addresses.append(IPv4Interface(f"{socket.inet_ntoa(raw[:4])}/{prefixlen}"))
+
+
+def parse_link(payload: bytes) -> LinkState:
     _family, _type, index, flags, _change = _IFINFO.unpack_from(payload)
     state = LinkState(
         index=index, name="", kind=None, up=bool(flags & 1), carrier=False, master=None, mac=""
     )
-    for attr, value in _attrs(payload, _IFINFO.size, len(payload)):
+    for attr, value in attrs(payload, _IFINFO.size, len(payload)):
         if attr == IFLA_IFNAME:
             state.name = value.rstrip(b"\0").decode(errors="replace")
         elif attr == IFLA_MASTER:
@@ -121,7 +156,7 @@ def _link(payload: bytes) -> LinkState:
         elif attr == IFLA_CARRIER:
             state.carrier = bool(value[0])
         elif attr == IFLA_LINKINFO:
-            info = dict(_attrs(value, 0, len(value)))
+            info = dict(attrs(value, 0, len(value)))
             state.kind = info.get(IFLA_INFO_KIND, b"").rstrip(b"\0").decode() or None
             if state.kind == "tun" and IFLA_INFO_DATA in info:
                 state.tun = _tun(info[IFLA_INFO_DATA])
@@ -129,7 +164,7 @@ def _link(payload: bytes) -> LinkState:
 
 
 def _tun(data: bytes) -> TunInfo:
-    d = dict(_attrs(data, 0, len(data)))
+    d = dict(attrs(data, 0, len(data)))
     return TunInfo(
         owner=_u32(d[IFLA_TUN_OWNER]) if IFLA_TUN_OWNER in d else None,
         group=_u32(d[IFLA_TUN_GROUP]) if IFLA_TUN_GROUP in d else None,

@@ -17,6 +17,7 @@ The rules (docs/api.md has them for users):
 from __future__ import annotations
 
 import logging
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from qvmd import links
@@ -33,8 +34,20 @@ MAX_TAPS_PER_UID = 64  # beyond the guest TAPs; stops one user from exhausting t
 
 @dataclass(frozen=True)
 class Caller:
+    """Who asks. Whether they are an administrator is looked up only when a
+    rule needs it (another owner, someone else's TAP, the per-user limit):
+    each answer is a polkit round trip (~1.5 ms), and the common request —
+    a user's own TAP — needs none."""
+
     uid: int
-    admin: bool
+    is_admin: Callable[[], Awaitable[bool]]
+
+    @classmethod
+    def fixed(cls, uid: int, admin: bool) -> Caller:
+        async def answer() -> bool:
+            return admin
+
+        return cls(uid, answer)
 
 
 @dataclass(frozen=True)
@@ -62,7 +75,7 @@ class TapManager:
         owner_gid: int | None = None,
     ) -> TapResult:
         name = self.validate_name(name)
-        if (owner_uid is not None or owner_gid is not None) and not caller.admin:
+        if (owner_uid is not None or owner_gid is not None) and not await caller.is_admin():
             raise PermissionDenied("only an administrator may create a TAP for another owner")
         uid = caller.uid if owner_uid is None else owner_uid
         plane = self.plane
@@ -87,39 +100,42 @@ class TapManager:
                 # Already the caller's: make sure it is really there, idempotently.
                 await self._apply(current)
                 return TapResult(current, False, guest.name if guest else None)
-            if current is not None and not caller.admin:
+            if current is not None:
                 claimable = guest is not None and current.uid == guest.owner.uid == 0
-                if not claimable:
+                if not claimable and not await caller.is_admin():
                     raise Busy(f"{name} belongs to another user")
-            if current is None and not caller.admin:
+            else:
                 mine = [
                     t
                     for t in plane.state.taps.values()
                     if t.uid == uid and not plane.lab.guest_by_tap(t.name)
                 ]
-                if len(mine) >= MAX_TAPS_PER_UID:
+                if len(mine) >= MAX_TAPS_PER_UID and not await caller.is_admin():
                     raise Busy(f"you already have {len(mine)} TAPs (limit {MAX_TAPS_PER_UID})")
             gid = owner_gid if owner_gid is not None else (guest.owner.gid if guest else None)
             spec = TapSpec(name, uid, gid, mq)
-            cur = await plane.main.run(links.lookup, name)
-            if cur is not None and cur.carrier and cur.tun is not None and cur.tun.owner != uid:
-                raise Busy(f"{name} is in use by a running process")
-            await self._apply(spec)
+            await self._apply(spec, refuse_held=True)
             plane.state.taps[name] = spec
             plane.store.save(plane.state)
         log.info("TAP %s now owned by uid %d", name, uid, extra={"QVM_TAP": name, "QVM_UID": uid})
         return TapResult(spec, current is None, guest.name if guest else None)
 
-    async def _apply(self, spec: TapSpec) -> None:
+    async def _apply(self, spec: TapSpec, refuse_held: bool = False) -> None:
+        """Make the TAP as `spec` says, in one trip to the netlink thread.
+
+        refuse_held: a TAP that a process holds under another owner is Busy
+        (changing its owner would not take it from that process anyway)."""
         plane = self.plane
 
         def apply(ipr: object) -> list[str]:
             bridge = links.lookup(ipr, plane.lab.bridge)
             if bridge is None:
                 raise Busy(f"the lab is down (no bridge {plane.lab.bridge}); run 'qvmctl up'")
-            return links.ensure_tap(
-                ipr, plane.lab.bridge, bridge.index, spec, links.lookup(ipr, spec.name)
-            )
+            cur = links.lookup(ipr, spec.name)
+            tun = cur.tun if cur is not None and cur.carrier else None
+            if refuse_held and tun is not None and tun.owner != spec.uid:
+                raise Busy(f"{spec.name} is in use by a running process")
+            return links.ensure_tap(ipr, plane.lab.bridge, bridge.index, spec, cur)
 
         await plane.main.run(apply)
 
@@ -134,7 +150,7 @@ class TapManager:
             if spec is None and cur is None:
                 raise NotFound(f"no TAP {name}")
             owner = spec.uid if spec else (cur.tun.owner if cur and cur.tun else None)
-            if owner != caller.uid and not caller.admin:
+            if owner != caller.uid and not await caller.is_admin():
                 raise PermissionDenied(f"{name} is not yours")
             if cur is not None and cur.carrier:
                 raise Busy(f"{name} is in use by a running process; stop it first")

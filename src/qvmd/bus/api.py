@@ -45,8 +45,8 @@ def tap_dict(t: TapStatus) -> dict[str, Any]:
 
 
 def build_interface(core: Core) -> Interface:
-    async def caller(ctx: CallContext) -> Caller:
-        return Caller(ctx.uid, await ctx.is_admin())
+    def caller(ctx: CallContext) -> Caller:
+        return Caller(ctx.uid, ctx.is_admin)
 
     async def create_tap(ctx: CallContext, name: str, options: dict[str, Any]) -> dict[str, Any]:
         opts = read_options(options, {"multi_queue": ("b",), "owner": ("u",), "group": ("u",)})
@@ -54,7 +54,7 @@ def build_interface(core: Core) -> Interface:
             if key in opts and opts[key] >= UINT32_MAX:
                 raise InvalidArgument(f"option {key!r}: {opts[key]} is not a valid id")
         result = await core.create_tap(
-            await caller(ctx),
+            caller(ctx),
             name,
             multi_queue=opts.get("multi_queue"),
             owner_uid=opts.get("owner"),
@@ -75,7 +75,7 @@ def build_interface(core: Core) -> Interface:
         )
 
     async def delete_tap(ctx: CallContext, name: str) -> None:
-        await core.delete_tap(await caller(ctx), name)
+        await core.delete_tap(caller(ctx), name)
 
     async def list_taps(ctx: CallContext) -> list[dict[str, Any]]:
         return [to_vardict(tap_dict(t)) for t in await core.list_taps()]
@@ -107,17 +107,15 @@ def build_interface(core: Core) -> Interface:
         ctx: CallContext, hostname: str, options: dict[str, Any]
     ) -> dict[str, Any]:
         opts = read_options(options, {"force": ("b",)})
-        return to_vardict(await core.certs.issue(await caller(ctx), hostname, opts))
+        return to_vardict(await core.certs.issue(caller(ctx), hostname, opts))
 
     async def add_forward(
         ctx: CallContext, proto: str, host_port: int, guest: str, guest_port: int
     ) -> dict[str, Any]:
-        return to_vardict(
-            await core.add_forward(await caller(ctx), proto, host_port, guest, guest_port)
-        )
+        return to_vardict(await core.add_forward(caller(ctx), proto, host_port, guest, guest_port))
 
     async def remove_forward(ctx: CallContext, proto: str, host_port: int) -> None:
-        await core.remove_forward(await caller(ctx), proto, host_port)
+        await core.remove_forward(caller(ctx), proto, host_port)
 
     async def list_forwards(ctx: CallContext) -> list[dict[str, Any]]:
         return [to_vardict(f) for f in core.list_forwards()]

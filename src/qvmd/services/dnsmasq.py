@@ -87,7 +87,6 @@ class DnsmasqFiles:
     servers: str
 
 
-
 def reverse_zones(subnet: IPv4Network) -> tuple[str, ...]:
     """The in-addr.arpa zones that cover `subnet`.
 

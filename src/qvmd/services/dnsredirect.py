@@ -197,4 +197,3 @@ def remove_dns_redirect(netns: str) -> None:
         in_netns(netns, remove)
     except NotFound:
         return
-

@@ -63,7 +63,6 @@ STOP_TIMEOUT = 10.0
 CHILD_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
 
-
 @dataclass(frozen=True)
 class GaneshaPaths:
     """Where one ganesha instance keeps its files (0700: only root reads them;

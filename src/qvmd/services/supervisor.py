@@ -227,9 +227,7 @@ class Child:
             if ran_for >= self.spec.stable_after:
                 delay = self.spec.backoff_initial
             self._set_state(ChildState.BACKOFF)
-            self._log.warning(
-                "%s %s; restarting in %.1fs", self.spec.name, self._last_error, delay
-            )
+            self._log.warning("%s %s; restarting in %.1fs", self.spec.name, self._last_error, delay)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._stop.wait(), delay)
             delay = min(delay * 2, self.spec.backoff_max)
