@@ -10,6 +10,8 @@ one JSON line (times in ms, measured around the method call alone):
   cycles NAME N SECONDS MIN IDLEPID  like cycle, but stops after SECONDS
                        (at least MIN cycles)
   delete NAME          DeleteTap NAME (timed)
+  polkit ACTION N      N x polkit CheckAuthorization of ACTION for this very
+                       connection (what qvmd asks before a guarded method)
 Errors come back as {"error": "..."}.
 """
 
@@ -99,6 +101,30 @@ async def handle(bus: MessageBus, words: list[str]) -> Any:
                 break
             out.append(await call(bus, "CreateTap", "sa{sv}", [f"{prefix}{i}", opts]))
         return out
+    if cmd == "polkit":
+        action, n = words[1], int(words[2])
+        times = []
+        for _ in range(n):
+            check = Message(
+                destination="org.freedesktop.PolicyKit1",
+                path="/org/freedesktop/PolicyKit1/Authority",
+                interface="org.freedesktop.PolicyKit1.Authority",
+                member="CheckAuthorization",
+                signature="(sa{sv})sa{ss}us",
+                body=[
+                    ["system-bus-name", {"name": Variant("s", bus.unique_name)}],
+                    action,
+                    {},
+                    0,
+                    "",
+                ],
+            )
+            t0 = time.perf_counter()
+            reply = await asyncio.wait_for(bus.call(check), 60)
+            times.append((time.perf_counter() - t0) * 1000)
+            if reply is None or reply.message_type is MessageType.ERROR or not reply.body[0][0]:
+                raise CallFailed(f"polkit {action}: {reply and reply.body}")
+        return times
     if cmd == "delete":
         return await call(bus, "DeleteTap", "s", [words[1]])
     raise CallFailed(f"unknown command {cmd!r}")

@@ -52,6 +52,7 @@ QVMCTL_CREATE_3 = "`qvmctl tap create` (same samples) vs qemu-bridge-helper"
 DBUS_MEMBER = "CreateTap over D-Bus, long-lived client, qvm-group user (polkit)"
 DBUS_MEMBER_TIGHT = "CreateTap over D-Bus, qvm-group user, tight create/delete loop"
 DBUS_ROOT = "CreateTap over D-Bus, long-lived client, root (no polkit check)"
+POLKIT = "polkit CheckAuthorization alone, qvm-group user (in every guarded call)"
 
 
 def _ratio_within(limit: float) -> Callable[[Row, Row | None], bool]:
@@ -218,7 +219,9 @@ def bench_user_tap(lab: LabEnv, budget: Budget, results: Results) -> None:
         cyc = client.request("cycle", USER_TAP, nd, pid)
         rcyc = root.request("cycle", USER_TAP, budget.n(50, 15), pid)
         tight = client.request("cycle", USER_TAP, budget.n(100, 15), 0)
+        polkit = client.request("polkit", "org.qvm.Net.manage-taps", nd)
         results.add(Row(S1, DBUS_ROOT, "ms", rcyc["create"], short="root D-Bus"))
+        results.add(Row(S1, POLKIT, "ms", polkit, note="floor of the user's CreateTap"))
         results.add(
             Row(
                 S1,

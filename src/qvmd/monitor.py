@@ -16,7 +16,7 @@ import socket
 import struct
 from collections.abc import Callable, Iterator
 
-from qvmd import rtdump
+from qvmd import rtnl
 
 log = logging.getLogger(__name__)
 
@@ -74,7 +74,7 @@ class _EventSocket:
 class NetlinkMonitor(_EventSocket):
     """Link, address and route events of one namespace.
 
-    Events are read with rtdump's parser (pyroute2's costs ~0.3 ms a
+    Events are read with rtnl's parser (pyroute2's costs ~0.3 ms a
     message, and every TAP request makes several). A link event about one
     of our links that leaves what qvmd reconciles unchanged — the bridge's
     "features changed" or carrier flip each time a port comes or goes — wakes
@@ -141,7 +141,7 @@ class NetlinkMonitor(_EventSocket):
             # AF_BRIDGE: bridge-port details, also announced as a plain
             # link event when anything qvmd reconciles changes.
             return None
-        link = rtdump.parse_link(payload)
+        link = rtnl.parse_link(payload)
         event = "RTM_DELLINK" if deleted else "RTM_NEWLINK"
         before = self.names.get(link.index)
         self.names[link.index] = link.name
@@ -169,7 +169,7 @@ class NetlinkMonitor(_EventSocket):
 def _netconf_ifindex(payload: bytes) -> int | None:
     """Which device a netconf event is about. Writing ip_forward announces
     NETCONFA_IFINDEX_ALL; every new link (each TAP) announces its own."""
-    for attr, value in rtdump.attrs(payload, 4, len(payload)):  # after struct netconfmsg
+    for attr, value in rtnl.attrs(payload, 4, len(payload)):  # after struct netconfmsg
         if attr == NETCONFA_IFINDEX and len(value) >= 4:
             return int(_S32.unpack_from(value)[0])
     return None

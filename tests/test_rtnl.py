@@ -1,15 +1,16 @@
-"""rtdump reads the same links, kinds, TAP owners and addresses as
+"""rtnl reads the same links, kinds, TAP owners and addresses as
 pyroute2's full parse (which it replaces in snapshot() for speed)."""
 
 from __future__ import annotations
 
+import errno
 import socket
 from ipaddress import IPv4Interface
 from typing import Any
 
 import pytest
 
-from qvmd import rtdump, tuntap
+from qvmd import rtnl, tuntap
 from qvmd.linkstate import LinkState, TunInfo
 from qvmd.nlworker import NetlinkWorker
 from tests.netns import netns, nsrun
@@ -70,12 +71,12 @@ def test_rtdump_matches_pyroute2() -> None:
 
             worker.run_sync(make_taps)
             nsrun(ns, "ip", "link", "set", "t0", "master", "br0", "up")
-            ours = worker.run_sync(lambda _ipr: rtdump.dump_links())
+            ours = worker.run_sync(lambda _ipr: rtnl.dump_links())
             theirs = worker.run_sync(pyroute2_snapshot)
             one_by_one = {
-                name: worker.run_sync(lambda _ipr, n=name: rtdump.get_link(n)) for name in theirs
+                name: worker.run_sync(lambda _ipr, n=name: rtnl.get_link(n)) for name in theirs
             }
-            missing = worker.run_sync(lambda _ipr: rtdump.get_link("nosuchlink"))
+            missing = worker.run_sync(lambda _ipr: rtnl.get_link("nosuchlink"))
         finally:
             worker.close()
     assert set(ours) == set(theirs) == {"lo", "br0", "v0", "v1", "t0", "t1"}
@@ -85,3 +86,24 @@ def test_rtdump_matches_pyroute2() -> None:
     assert ours["t1"].tun is not None and ours["t1"].tun.group == 4242
     assert ours["t1"].tun.multi_queue and ours["t0"].master == ours["br0"].index
     assert IPv4Interface("10.9.1.1/16") in ours["br0"].addresses
+
+
+def test_set_link_enslaves_and_sets_up_in_one_request() -> None:
+    with netns("rtset") as ns:
+        nsrun(ns, "ip", "link", "add", "br0", "type", "bridge")
+        nsrun(ns, "ip", "link", "add", "v0", "type", "veth", "peer", "name", "v1")
+        worker = NetlinkWorker(ns)
+        try:
+            br, v0 = (worker.run_sync(lambda _ipr, n=n: rtnl.get_link(n)) for n in ("br0", "v0"))
+            assert br is not None and v0 is not None and not v0.up and v0.master is None
+            worker.run_sync(lambda _ipr: rtnl.set_link(v0.index, master=br.index, up=True))
+            after = worker.run_sync(lambda _ipr: rtnl.get_link("v0"))
+            assert after is not None and after.up and after.master == br.index
+            worker.run_sync(lambda _ipr: rtnl.set_link(v0.index, up=False))
+            down = worker.run_sync(lambda _ipr: rtnl.get_link("v0"))
+            assert down is not None and not down.up and down.master == br.index
+            with pytest.raises(OSError, match="RTM_NEWLINK failed") as err:
+                worker.run_sync(lambda _ipr: rtnl.set_link(99999, up=True))
+            assert err.value.errno == errno.ENODEV
+        finally:
+            worker.close()
