@@ -8,6 +8,7 @@ from dbus_fast import BusType, RequestNameReply
 from dbus_fast.aio import MessageBus
 from dbus_fast.constants import NameFlag
 
+from qvmd import nsutil
 from qvmd.bus.api import ADMIN_ACTION, BUS_NAME, OBJECT_PATH, build_interface
 from qvmd.bus.polkit import Authority
 from qvmd.bus.resolved import ResolvedRegistration
@@ -26,6 +27,7 @@ class BusServer:
         self.bus = MessageBus(bus_address=address, bus_type=BusType.SYSTEM)
         self.service: BusService | None = None
         self.firewalld: FirewalldBinding | None = None
+        self.resolved: ResolvedRegistration | None = None
 
     async def start(self) -> None:
         try:
@@ -51,10 +53,16 @@ class BusServer:
                 "LeaseChanged", c.kind, c.lease.mac, str(c.lease.ip), c.lease.hostname or ""
             )
         )
-        if self.core.sandbox is None:
-            resolved = ResolvedRegistration(self.bus)
-            self.core.bridge_hooks.append(lambda index: resolved.register(self.core.lab, index))
-            self.core.host_resolution = lambda: resolved.state
+        sandbox = self.core.sandbox
+        resolved = ResolvedRegistration(
+            self.bus,
+            nsutil.netns_path(sandbox) if sandbox else "/proc/self/ns/net",
+            sandboxed=sandbox is not None,
+        )
+        self.resolved = resolved
+        self.core.bridge_hooks.append(lambda index: resolved.register(self.core.lab, index))
+        self.core.host_resolution = lambda: resolved.state
+        if sandbox is None:
             # firewalld (when it runs) must let the lab through: bind the
             # bridge to a zone like libvirt does; undone by teardown only.
             firewalld = FirewalldBinding(self.bus, self.core.lab.bridge)
@@ -63,15 +71,14 @@ class BusServer:
             # it also serves `qvmctl up` after a `down` unbound us.
             self.core.bridge_hooks.append(lambda _index: firewalld.start())
             self.core.teardown_hooks.append(lambda: firewalld.stop(unbind=True))
-        else:
-            # The host's resolved cannot see links inside our namespace.
-            self.core.host_resolution = lambda: f"qvmd runs sandboxed in {self.core.sandbox}"
         listeners.lab_changed.append(
             lambda: svc.properties_changed("Bridge", "Gateway", "Domain", "LabUp")
         )
         log.info("serving %s on %s", BUS_NAME, self.address)
 
     async def stop(self) -> None:
+        if self.resolved is not None:
+            await self.resolved.stop()
         if self.firewalld is not None:
             await self.firewalld.stop(unbind=False)  # a restart adopts the binding
         if self.service is not None:
