@@ -51,14 +51,19 @@ class NetworkPlane:
     def desired_taps(self) -> dict[str, TapSpec]:
         """Guest TAPs from the lab (owner possibly claimed over D-Bus), plus
         the TAPs callers created; a recorded claim wins over the config."""
-        taps = {
-            g.tap: TapSpec(g.tap, g.owner.uid, g.owner.gid, g.multi_queue) for g in self.lab.guests
-        }
-        for name, spec in self.state.taps.items():
-            base = taps.get(name)
-            # The flags of a guest TAP always come from the config.
-            taps[name] = replace(spec, multi_queue=base.multi_queue) if base else spec
-        return taps
+        names = dict.fromkeys([*(g.tap for g in self.lab.guests), *self.state.taps])
+        return {name: spec for name in names if (spec := self.desired_tap(name)) is not None}
+
+    def desired_tap(self, name: str) -> TapSpec | None:
+        """One entry of desired_taps(), without building all of them."""
+        claim = self.state.taps.get(name)
+        guest = self.lab.guest_by_tap(name)
+        if guest is None:
+            return claim
+        if claim is None:
+            return TapSpec(guest.tap, guest.owner.uid, guest.owner.gid, guest.multi_queue)
+        # The flags of a guest TAP always come from the config.
+        return replace(claim, multi_queue=guest.multi_queue)
 
     # -- reconcile -----------------------------------------------------
 

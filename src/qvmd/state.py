@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 from dataclasses import dataclass, field
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -31,18 +32,15 @@ class PlaneState:
     # user who first asked (who alone, besides admins, gets its key).
     cert_owners: dict[str, int] = field(default_factory=dict)
 
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "version": 1,
-            "forwarding_restore": self.forwarding_restore,
-            # Plain dicts, not dataclasses.asdict (a deep copy per entry): with
-            # 1,000 claims asdict + indent cost 10 ms per save, on every CreateTap.
-            "taps": {
-                name: {"uid": s.uid, "gid": s.gid, "multi_queue": s.multi_queue}
-                for name, s in sorted(self.taps.items())
-            },
-            "cert_owners": dict(sorted(self.cert_owners.items())),
-        }
+    def encode(self) -> bytes:
+        """Compact JSON, one line. Each TAP's entry is encoded once and
+        remembered (TapSpec is immutable): with 1,000 claims json.dumps of
+        the whole state cost ~1 ms on every CreateTap, joining remembered
+        entries a fifth of that."""
+        taps = ",".join(_tap_entry(name, self.taps[name]) for name in sorted(self.taps))
+        head = _compact({"version": 1, "forwarding_restore": self.forwarding_restore})
+        owners = _compact(dict(sorted(self.cert_owners.items())))
+        return f'{head[:-1]},"taps":{{{taps}}},"cert_owners":{owners}}}\n'.encode()
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> PlaneState:
@@ -60,6 +58,17 @@ class PlaneState:
             taps=taps,
             cert_owners=owners,
         )
+
+
+def _compact(value: object) -> str:
+    return json.dumps(value, separators=(",", ":"))
+
+
+@lru_cache(maxsize=8192)
+def _tap_entry(name: str, spec: TapSpec) -> str:
+    return f"{_compact(name)}:" + _compact(
+        {"uid": spec.uid, "gid": spec.gid, "multi_queue": spec.multi_queue}
+    )
 
 
 class StateStore:
@@ -82,5 +91,4 @@ class StateStore:
 
     def save(self, state: PlaneState) -> None:
         ensure_dir(self.dir, 0o755)
-        data = json.dumps(state.to_json(), separators=(",", ":")).encode() + b"\n"
-        atomic_write(self.path, data, 0o644)
+        atomic_write(self.path, state.encode(), 0o644)

@@ -81,8 +81,7 @@ class TapManager:
         plane = self.plane
         guest = plane.lab.guest_by_tap(name)
         async with plane.lock:
-            desired = plane.desired_taps()
-            current = desired.get(name)
+            current = plane.desired_tap(name)
             if guest is not None:
                 mq = guest.multi_queue
                 if multi_queue is not None and multi_queue != mq:
@@ -105,11 +104,8 @@ class TapManager:
                 if not claimable and not await caller.is_admin():
                     raise Busy(f"{name} belongs to another user")
             else:
-                mine = [
-                    t
-                    for t in plane.state.taps.values()
-                    if t.uid == uid and not plane.lab.guest_by_tap(t.name)
-                ]
+                owned = [t for t in plane.state.taps.values() if t.uid == uid]
+                mine = [t for t in owned if not plane.lab.guest_by_tap(t.name)]
                 if len(mine) >= MAX_TAPS_PER_UID and not await caller.is_admin():
                     raise Busy(f"you already have {len(mine)} TAPs (limit {MAX_TAPS_PER_UID})")
             gid = owner_gid if owner_gid is not None else (guest.owner.gid if guest else None)
@@ -145,7 +141,7 @@ class TapManager:
         plane = self.plane
         guest = plane.lab.guest_by_tap(name)
         async with plane.lock:
-            spec = plane.desired_taps().get(name)
+            spec = plane.desired_tap(name)
             cur = await plane.main.run(links.lookup, name)
             if spec is None and cur is None:
                 raise NotFound(f"no TAP {name}")
