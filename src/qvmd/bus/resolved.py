@@ -148,23 +148,28 @@ class ResolvedRegistration:
     async def _bus_daemon(
         self, member: str, signature: str, body: list[object], reply: str
     ) -> list[Any]:
-        msg = Message(
-            destination=DBUS_NAME,
-            path=DBUS_PATH,
-            interface=DBUS_INTERFACE,
-            member=member,
-            signature=signature,
-            body=body,
-        )
-        return await call(self.bus, msg, TIMEOUT, "bus daemon did not answer", reply)
+        target = (DBUS_NAME, DBUS_PATH, DBUS_INTERFACE, "bus daemon did not answer")
+        return await self._call(target, member, signature, body, reply)
 
     async def _manager(self, member: str, signature: str, body: list[object]) -> None:
+        target = (RESOLVE_NAME, RESOLVE_PATH, RESOLVE_MANAGER, "systemd-resolved did not answer")
+        await self._call(target, member, signature, body, "")
+
+    async def _call(
+        self,
+        target: tuple[str, str, str, str],
+        member: str,
+        signature: str,
+        body: list[object],
+        reply: str,
+    ) -> list[Any]:
+        name, path, interface, unavailable = target
         msg = Message(
-            destination=RESOLVE_NAME,
-            path=RESOLVE_PATH,
-            interface=RESOLVE_MANAGER,
+            destination=name,
+            path=path,
+            interface=interface,
             member=member,
             signature=signature,
             body=body,
         )
-        await call(self.bus, msg, TIMEOUT, "systemd-resolved did not answer", "")
+        return await call(self.bus, msg, TIMEOUT, unavailable, reply)
