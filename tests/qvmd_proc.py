@@ -139,7 +139,7 @@ def qvmd_sandbox(
     try:
         yield q
     finally:
+        q.close()  # first: a daemon still running could write into its state dir again
         shutil.rmtree(q.state_dir.parent, ignore_errors=True)
-        q.close()
         delete_netns(q.services_netns)
         delete_netns(ns)

@@ -93,8 +93,8 @@ async def test_streams_lines_into_logging_with_the_childs_name(
         recs = [r for r in caplog.records if "to-std" in r.getMessage()]
         assert all(r.name == "qvmd.child.talker" for r in recs)
         assert {r.getMessage() for r in recs} == {"to-stdout", "to-stderr"}
-        assert all(getattr(r, "child_pid", None) == st.pid for r in recs)
-        assert all(getattr(r, "child", None) == "talker" for r in recs)
+        assert all(getattr(r, "QVM_CHILD_PID", None) == st.pid for r in recs)
+        assert all(getattr(r, "QVM_CHILD", None) == "talker" for r in recs)
     finally:
         await child.stop()
     assert child.status().state is ChildState.STOPPED

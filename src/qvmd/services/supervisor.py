@@ -2,7 +2,7 @@
 
 One `Child` per daemon (dnsmasq, later nfs-ganesha). The child runs in the
 foreground; its stdout and stderr lines go to Python logging under
-`qvmd.child.<name>` (fields `child`, `child_pid`). When it exits without
+`qvmd.child.<name>` (journal fields `QVM_CHILD`, `QVM_CHILD_PID`). When it exits without
 being asked to, it is started again after a delay that doubles at each
 consecutive failure (capped) and falls back to the initial delay once a run
 has lasted `stable_after` seconds, so a crash loop backs off while a one-off crash recovers at once.
@@ -316,7 +316,10 @@ class Child:
             line = raw.decode("utf-8", "replace").rstrip()
             if line:
                 run.last_line = line
-                # The logger's name carries the child's name; the pid goes in
-                # structured fields (journald shows them as CHILD, CHILD_PID)
-                # because daemons like dnsmasq already print it in the line.
-                self._log.info("%s", line, extra={"child": self.spec.name, "child_pid": pid})
+                # The logger's name carries the child's name; both go in
+                # journal fields too (`journalctl QVM_CHILD=dnsmasq`). Upper
+                # case: journald drops fields with lower-case names, and
+                # python-systemd passes the names through as they are.
+                self._log.info(
+                    "%s", line, extra={"QVM_CHILD": self.spec.name, "QVM_CHILD_PID": pid}
+                )
