@@ -10,6 +10,8 @@ not resolve that.
   heal dnsmasq N GAP SVC_NS     kill -9 dnsmasq N times, time until it answers
   nftapply GUESTS REPS          apply qvmd's ruleset for a lab of GUESTS guests
   mktaps PREFIX FIRST COUNT UID make TAPs directly (not through qvmd), on qvm0
+  dnsreload GUESTS REPS         a real dnsmasq with qvmd's files for GUESTS guests:
+                                add one guest, SIGHUP, time until its name answers
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import struct
 import sys
 import time
 from collections.abc import Callable
+from functools import partial
 from ipaddress import IPv4Address, IPv4Interface
 from typing import Any
 
@@ -97,29 +100,24 @@ def heal_nft(n: int, gap: float) -> list[float]:
     return out
 
 
-def _dns_query(qid: int) -> bytes:
+def _dns_query(qid: int, name: str) -> bytes:
     header = struct.pack("!HHHHHH", qid, 0x0100, 1, 0, 0, 0)
-    labels = b"".join(bytes([len(p)]) + p.encode() for p in QUERY_NAME.split("."))
+    labels = b"".join(bytes([len(p)]) + p.encode() for p in name.split("."))
     return header + labels + b"\x00" + struct.pack("!HH", 1, 1)
 
 
-def dns_answers(timeout: float = 0.05) -> bool:
+def dns_answers(timeout: float = 0.05, name: str = QUERY_NAME, want: str = EXPECT_IP) -> bool:
     qid = random.randrange(65536)
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
         s.settimeout(timeout)
         try:
             s.connect((SERVICES_IP, 53))
-            s.send(_dns_query(qid))
+            s.send(_dns_query(qid, name))
             data = s.recv(4096)
         except OSError:  # refused (nothing bound yet), timeout
             return False
     rid, flags, _, ancount = struct.unpack("!HHHH", data[:8])
-    return (
-        rid == qid
-        and flags & 0xF == 0
-        and ancount >= 1
-        and data[-4:] == socket.inet_aton(EXPECT_IP)
-    )
+    return rid == qid and flags & 0xF == 0 and ancount >= 1 and data[-4:] == socket.inet_aton(want)
 
 
 def dnsmasq_pid(services_ns: str) -> int:
@@ -168,6 +166,59 @@ def big_lab(guests: int) -> Any:
             Guest(name, f"{name}.{lab.domain}", ip, derive_mac(ip), f"qvm0tap{i}", lab.tap_owner)
         )
     return dataclasses.replace(lab, gateway=gateway, guests=tuple(made))
+
+
+def dns_reload(guests: int, reps: int) -> list[float]:
+    """qvmd's way of adding a guest to a running dnsmasq (rewrite the hosts
+    files, SIGHUP), timed until the new name answers, with GUESTS guests."""
+    import shutil
+    import subprocess
+    import tempfile
+    from pathlib import Path
+
+    from qvmd.model import Guest, derive_mac
+    from qvmd.services.dnsmasq import (
+        DnsmasqPaths,
+        build_dnsmasq_files,
+        dnsmasq_argv,
+        write_dnsmasq_files,
+    )
+
+    lab = big_lab(guests)
+    prefix = lab.gateway.network.prefixlen
+    for cmd in (
+        ["ip", "link", "set", "lo", "up"],
+        ["ip", "link", "add", "veth0", "type", "veth", "peer", "name", "peer0"],
+        ["ip", "addr", "add", f"{SERVICES_IP}/{prefix}", "dev", "veth0"],
+        ["ip", "link", "set", "veth0", "up"],
+        ["ip", "link", "set", "peer0", "up"],
+    ):
+        subprocess.run(cmd, check=True)
+    top = Path(tempfile.mkdtemp(prefix="qvmb-dns-"))
+    top.chmod(0o711)  # dnsmasq reads its files after dropping root
+    paths = DnsmasqPaths(top / "dnsmasq")
+    write_dnsmasq_files(paths, build_dnsmasq_files(lab, paths, []))
+    proc = subprocess.Popen(dnsmasq_argv(paths), stderr=subprocess.DEVNULL)
+    try:
+        first = lab.guests[0]
+        wait_until(partial(dns_answers, name=first.fqdn, want=str(first.ip)), time.perf_counter())
+        out = []
+        base = int(IPv4Address(lab.guests[-1].ip))
+        for rep in range(reps):
+            ip = IPv4Address(base + 1 + rep)
+            name = f"new{rep}"
+            tap = f"qvm0tap{9000 + rep}"
+            new = Guest(name, f"{name}.{lab.domain}", ip, derive_mac(ip), tap, lab.tap_owner)
+            lab = dataclasses.replace(lab, guests=(*lab.guests, new))
+            t0 = time.perf_counter()
+            write_dnsmasq_files(paths, build_dnsmasq_files(lab, paths, []))
+            os.kill(proc.pid, signal.SIGHUP)
+            out.append(wait_until(partial(dns_answers, name=new.fqdn, want=str(ip)), t0))
+        return out
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+        shutil.rmtree(top, ignore_errors=True)
 
 
 def nft_apply(guests: int, reps: int) -> dict[str, Any]:
@@ -220,6 +271,8 @@ def main(argv: list[str]) -> int:
             raise SystemExit(f"unknown heal kind {kind}")
     elif cmd == "mktaps":
         result = make_taps(argv[1], int(argv[2]), int(argv[3]), int(argv[4]))
+    elif cmd == "dnsreload":
+        result = dns_reload(int(argv[1]), int(argv[2]))
     elif cmd == "nftapply":
         result = nft_apply(int(argv[1]), int(argv[2]))
     else:

@@ -99,3 +99,25 @@ def bench_nft_apply(budget: Budget, results: Results) -> None:
                 short="3 guests",
             )
         )
+
+
+RELOAD_SIZES = (3, 10, 100, 1000)
+
+
+def bench_dnsmasq_reload(budget: Budget, results: Results) -> None:
+    """A real dnsmasq with qvmd's files; one guest added the way qvmd adds
+    it (hosts files rewritten, SIGHUP), until the new name answers."""
+    reps = budget.n(10, 3)
+    base = f"dnsmasq reload (new guest answering), {RELOAD_SIZES[0]} guests"
+    for n in RELOAD_SIZES:
+        what = f"dnsmasq reload (new guest answering), {n} guests"
+        with netns_scope("r") as ns:
+            argv = ["ip", "netns", "exec", ns, PYTHON, NS_PROBE, "dnsreload", str(n), str(reps)]
+            proc = subprocess.run(argv, capture_output=True, text=True, timeout=300)
+        if proc.returncode != 0:
+            results.failed(S2, what, proc.stderr[-800:])
+            continue
+        samples = json.loads(proc.stdout)
+        results.add(
+            Row(S2, what, "ms", samples, "" if n == RELOAD_SIZES[0] else base, short="3 guests")
+        )

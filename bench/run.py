@@ -20,7 +20,18 @@ from pathlib import Path
 from bench import env
 from bench.report import Results, generated_section, render_text, write_markdown
 
-AREAS = ("user-tap", "startup", "heal", "restart", "datapath", "scale", "builders", "nft", "pki")
+AREAS = (
+    "user-tap",
+    "startup",
+    "heal",
+    "restart",
+    "datapath",
+    "scale",
+    "builders",
+    "nft",
+    "dnsreload",
+    "pki",
+)
 NEEDS_LAB = ("user-tap", "restart", "heal", "datapath", "scale")
 
 
@@ -76,6 +87,8 @@ def main(argv: list[str] | None = None) -> int:
         _step(results, "builders", lambda: pure.bench_builders(budget, results))
     if "nft" in areas:
         _step(results, "nft", lambda: pure.bench_nft_apply(budget, results))
+    if "dnsreload" in areas:
+        _step(results, "dnsreload", lambda: pure.bench_dnsmasq_reload(budget, results))
     if any(a in areas for a in ("startup", *NEEDS_LAB)):
         with ExitStack() as stack:
             bus, users = stack.enter_context(env.bus_and_users())
