@@ -5,12 +5,15 @@ BIN := $(VENV)/bin
 PREFIX ?= /usr/local
 DESTDIR ?=
 
-.PHONY: all deps venv test lint unit demo bench e2e-full clean
+.PHONY: all deps runtime-deps venv test lint unit demo bench e2e-full clean
 
 all: venv
 
 deps:
 	./scripts/install-deps.sh
+
+runtime-deps:
+	./scripts/install-deps.sh --runtime
 
 # --system-site-packages: python3-nftables and python3-systemd come from Debian.
 $(BIN)/qvmd: pyproject.toml | deps
@@ -67,7 +70,7 @@ DATA_FILES := \
 	data/completion/qvmctl.bash:$(SYSDATADIR)/bash-completion/completions/qvmctl
 
 .PHONY: install uninstall
-install: deps
+install: runtime-deps
 	$(PYTHON) -m venv --system-site-packages $(DESTDIR)$(LIBDIR)
 	$(DESTDIR)$(LIBDIR)/bin/pip install -q --upgrade pip
 	$(DESTDIR)$(LIBDIR)/bin/pip install -q .

@@ -339,7 +339,7 @@ def test_kill_9_is_restarted_and_serves_again(env: Env, caplog: pytest.LogCaptur
         r for r in caplog.records
         if r.name == "qvmd.child.ganesha" and "NFS SERVER INITIALIZED" in r.getMessage()
     ]  # fmt: skip
-    assert started and getattr(started[-1], "child_pid", None) == after.pid
+    assert started and getattr(started[-1], "QVM_CHILD_PID", None) == after.pid
 
 
 def test_a_stale_ganesha_is_ended_before_ours_starts(env: Env) -> None:

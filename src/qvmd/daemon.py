@@ -209,7 +209,13 @@ def main(argv: list[str] | None = None) -> int:
         # /run/netns mount made there is seen by the host (`ip netns exec`)
         # and outlives a restart of the service, so the services namespace,
         # veth0 and its address stay while qvmd restarts.
+        if nsutil.join_init_mount_ns():
+            log.info("joined the host's mount namespace (PID 1's)")
         for name in filter(None, (opts.netns, lab.services.netns)):
+            if nsutil.exists(name) and not nsutil.is_netns(name):
+                # The placeholder of a creation whose mount was lost.
+                os.unlink(nsutil.netns_path(name))
+                log.warning("removed %s: not a namespace", nsutil.netns_path(name))
             if nsutil.create(name):
                 log.info("created namespace %s", name)
         return 0
