@@ -16,10 +16,8 @@
 #   QVM_DEBIAN_MIRROR     Debian mirror (default http://deb.debian.org/debian)
 #   QVM_DEBIAN_REBUILD=1  rebuild everything even when the inputs are unchanged
 #
-# A separate script (not a flavour of build.sh) so that the "debian" image
-# and its cache keys (which hash build.sh) stay exactly as they are. Same two
-# stages, same safety: everything run in the chroot runs in private mount,
-# network and PID namespaces, a policy-rc.d forbids starting services.
+# The two cached stages and the chroot's safety rules are common.sh's,
+# shared with build.sh.
 set -euo pipefail
 
 cache=${QVM_GUEST_CACHE:-/var/cache/qvmd-guests/debian-host}
@@ -40,104 +38,12 @@ packages=(
     bind9-dnsutils make
 )
 
-log() { printf 'debian-host-build: %s\n' "$*" >&2; }
-die() { log "error: $*"; exit 1; }
-
-[ "$(id -u)" = 0 ] || die "run as root (debootstrap, chroot)"
-for tool in debootstrap unshare chroot mkfs.ext4 qemu-img sha256sum flock systemctl; do
-    command -v "$tool" >/dev/null || die "missing tool: $tool (see guests/debian/README.md)"
-done
-
+builder=debian-host-build
 script=$(readlink -f "$0")
-mkdir -p "$cache"
-exec 9>"$cache/.lock"
-flock 9
-
-work=$cache/work
-cleanup() {
-    if [ -d "$work" ]; then
-        { findmnt -rn -o TARGET | grep -F "$work/" || true; } | sort -r | while read -r m; do
-            umount -l "$m" || true
-        done
-    fi
-    rm -rf "$work" || log "warning: could not remove $work"
-}
-trap cleanup EXIT
-
-in_root() {
-    local root=$1
-    shift
-    unshare --mount --net --pid --fork --kill-child --propagation private \
-        chroot "$root" /usr/bin/env -i PATH=/usr/sbin:/usr/bin:/sbin:/bin \
-        DEBIAN_FRONTEND=noninteractive LC_ALL=C.UTF-8 "$@"
-}
-
-# --- stage 1: base tree ------------------------------------------------------
-build_base() {
-    local root=$work/base
-    rm -rf "$work"
-    mkdir -p "$work"
-    log "debootstrap (first stage, downloads) into $root"
-    debootstrap --foreign --variant=minbase --components=main \
-        --include="$(IFS=,; echo "${packages[*]}")" "$suite" "$root" "$mirror" >&2
-    printf '#!/bin/sh\nexit 101\n' >"$root/usr/sbin/policy-rc.d"
-    chmod 0755 "$root/usr/sbin/policy-rc.d"
-    log "debootstrap (second stage, dpkg in the chroot, no network)"
-    in_root "$root" /debootstrap/debootstrap --second-stage >&2
-    in_root "$root" apt-get clean
-    rm -f "$root/usr/sbin/policy-rc.d"
-    rm -rf "$cache/base-root"
-    mv "$root" "$cache/base-root"
-}
-
-base_key=$(
-    {
-        echo "mirror=$mirror suite=$suite"
-        printf '%s\n' "${packages[@]}"
-        declare -f build_base in_root
-    } | sha256sum | cut -d' ' -f1
-)
-image_key=$(
-    {
-        echo "base=$base_key size=$image_size"
-        cat "$script"
-    } | sha256sum | cut -d' ' -f1
-)
-
-if [ "${QVM_DEBIAN_REBUILD:-0}" = 1 ]; then
-    rm -f "$cache/base-stamp" "$cache/stamp"
-fi
-
-t0=$(date +%s)
-if [ "$(cat "$cache/base-stamp" 2>/dev/null)" != "$base_key" ] || [ ! -d "$cache/base-root" ]; then
-    rm -f "$cache/stamp" "$cache/base-stamp"
-    build_base
-    echo "$base_key" >"$cache/base-stamp"
-    log "base built in $(($(date +%s) - t0)) s"
-else
-    log "base up to date"
-fi
-
-if [ "$(cat "$cache/stamp" 2>/dev/null)" = "$image_key" ] \
-    && [ -f "$cache/base.qcow2" ] && [ -f "$cache/vmlinuz" ] && [ -f "$cache/initrd.img" ] \
-    && [ -f "$cache/manifest" ]; then
-    log "image up to date"
-    cat "$cache/manifest"
-    exit 0
-fi
-
-# --- stage 2: configuration and image -----------------------------------------
-rm -rf "$work"
-mkdir -p "$work"
-root=$work/root
-log "copying the base tree"
-cp -a "$cache/base-root" "$root"
-
-w() {  # w PATH MODE: stdin -> $root/PATH
-    mkdir -p "$(dirname "$root/$1")"
-    cat >"$root/$1"
-    chmod "$2" "$root/$1"
-}
+image_inputs=""
+# shellcheck source=guests/debian/common.sh
+. "$(dirname "$script")/common.sh"
+prepare_image
 
 echo qvmhost | w etc/hostname 0644
 w etc/hosts 0644 <<'EOF'
@@ -198,41 +104,4 @@ exec /bin/sh /run/qvmdsrc/hosttest.sh /run/qvmdsrc
 EOF
 systemctl --root="$root" enable qvm-hosttest.service >&2
 
-# --- pack ---------------------------------------------------------------------
-kernel=$(find "$root/boot" -name 'vmlinuz-*' | sort | tail -n1)
-[ -n "$kernel" ] || die "no kernel in the image's /boot"
-kver=${kernel##*/vmlinuz-}
-[ -f "$root/boot/initrd.img-$kver" ] || die "no initrd.img-$kver in the image's /boot"
-cp "$kernel" "$work/vmlinuz"
-cp "$root/boot/initrd.img-$kver" "$work/initrd.img"
-chmod 0644 "$work/vmlinuz" "$work/initrd.img"
-
-# shellcheck disable=SC2016  # dpkg-query's format, not a shell expansion
-pkgver() { in_root "$root" dpkg-query -W -f '${Version}' "$1" 2>/dev/null || echo -; }
-versions="systemd=$(pkgver systemd) python3=$(pkgver python3) nftables=$(pkgver nftables)"
-versions="$versions dnsmasq-base=$(pkgver dnsmasq-base) polkitd=$(pkgver polkitd)"
-versions="$versions nfs-ganesha=$(pkgver nfs-ganesha) dbus=$(pkgver dbus)"
-
-log "mkfs.ext4 -d ($image_size, sparse)"
-mkfs.ext4 -q -F -L qvm-root -d "$root" "$work/root.raw" "$image_size" >&2
-log "qemu-img convert -> qcow2"
-qemu-img convert -f raw -O qcow2 "$work/root.raw" "$work/base.qcow2"
-chmod 0644 "$work/base.qcow2"
-
-mv -f "$work/base.qcow2" "$cache/base.qcow2"
-mv -f "$work/vmlinuz" "$cache/vmlinuz"
-mv -f "$work/initrd.img" "$cache/initrd.img"
-{
-    echo "image=$cache/base.qcow2"
-    echo "kernel=$cache/vmlinuz"
-    echo "initrd=$cache/initrd.img"
-    echo "kernel_version=$kver"
-    echo "append=root=/dev/vda rw console=ttyS0"
-    echo "debian_version=$(cat "$root/etc/debian_version")"
-    echo "packages=$versions"
-} >"$cache/manifest"
-echo "$image_key" >"$cache/stamp"
-chmod 0755 "$cache"
-log "built in $cache in $(($(date +%s) - t0)) s" \
-    "($(du -h --apparent-size "$cache/base.qcow2" | cut -f1) qcow2, kernel $kver)"
-cat "$cache/manifest"
+pack_image systemd python3 nftables dnsmasq-base polkitd nfs-ganesha dbus

@@ -18,20 +18,8 @@
 #                         guest's trust store, see below
 #   QVM_DEBIAN_REBUILD=1  rebuild everything even when the inputs are unchanged
 #
-# Two stages, each with its own input hash, so only what changed is rebuilt:
-#   base    debootstrap --variant=minbase bookworm with the packages below
-#           (inputs: mirror, suite, package list, the stage's code); kept as
-#           a tree in the cache (base-root/). The slow part (downloads, dpkg).
-#   image   a copy of the tree + our configuration (inputs: the base stamp and
-#           this whole script) -> ext4 -> qcow2; kernel and initrd copied out.
-# The package versions are those of the mirror on the day of the base build;
-# QVM_DEBIAN_REBUILD=1 picks up newer ones.
-#
-# Safety: the debootstrap second stage and every command run in the chroot
-# run in private mount, network and PID namespaces (unshare), so nothing the
-# packages' maintainer scripts start can reach the host's network, mounts
-# made there vanish with the namespace, and any leftover process is killed.
-# A policy-rc.d forbids starting services during the build anyway.
+# Two cached stages (base: debootstrap; image: our configuration) and the
+# safety rules of the chroot are in common.sh, shared with build-host.sh.
 set -euo pipefail
 
 cache=${QVM_GUEST_CACHE:-/var/cache/qvmd-guests/debian}
@@ -53,107 +41,12 @@ packages=(
     nfs-common
 )
 
-log() { printf 'debian-build: %s\n' "$*" >&2; }
-die() { log "error: $*"; exit 1; }
-
-[ "$(id -u)" = 0 ] || die "run as root (debootstrap, chroot)"
-for tool in debootstrap unshare chroot mkfs.ext4 qemu-img sha256sum flock systemctl; do
-    command -v "$tool" >/dev/null || die "missing tool: $tool (see guests/debian/README.md)"
-done
-
+builder=debian-build
 script=$(readlink -f "$0")
-mkdir -p "$cache"
-exec 9>"$cache/.lock"
-flock 9
-
-work=$cache/work
-cleanup() {
-    # Nothing is mounted outside the private namespaces, but be sure.
-    if [ -d "$work" ]; then
-        { findmnt -rn -o TARGET | grep -F "$work/" || true; } | sort -r | while read -r m; do
-            umount -l "$m" || true
-        done
-    fi
-    rm -rf "$work" || log "warning: could not remove $work"
-}
-trap cleanup EXIT
-
-# Run a command chrooted in $1 inside fresh mount/net/PID namespaces.
-in_root() {
-    local root=$1
-    shift
-    unshare --mount --net --pid --fork --kill-child --propagation private \
-        chroot "$root" /usr/bin/env -i PATH=/usr/sbin:/usr/bin:/sbin:/bin \
-        DEBIAN_FRONTEND=noninteractive LC_ALL=C.UTF-8 "$@"
-}
-
-# --- stage 1: base tree ------------------------------------------------------
-build_base() {
-    local root=$work/base
-    rm -rf "$work"
-    mkdir -p "$work"
-    log "debootstrap (first stage, downloads) into $root"
-    debootstrap --foreign --variant=minbase --components=main \
-        --include="$(IFS=,; echo "${packages[*]}")" "$suite" "$root" "$mirror" >&2
-    # Never start a daemon inside the build (nginx, rpcbind, ...).
-    printf '#!/bin/sh\nexit 101\n' >"$root/usr/sbin/policy-rc.d"
-    chmod 0755 "$root/usr/sbin/policy-rc.d"
-    log "debootstrap (second stage, dpkg in the chroot, no network)"
-    in_root "$root" /debootstrap/debootstrap --second-stage >&2
-    in_root "$root" apt-get clean
-    rm -f "$root/usr/sbin/policy-rc.d"
-    rm -rf "$cache/base-root"
-    mv "$root" "$cache/base-root"
-}
-
-base_key=$(
-    {
-        echo "mirror=$mirror suite=$suite"
-        printf '%s\n' "${packages[@]}"
-        declare -f build_base in_root
-    } | sha256sum | cut -d' ' -f1
-)
-image_key=$(
-    {
-        echo "base=$base_key size=$image_size ca_store=$ca_store"
-        cat "$script"
-    } | sha256sum | cut -d' ' -f1
-)
-
-if [ "${QVM_DEBIAN_REBUILD:-0}" = 1 ]; then
-    rm -f "$cache/base-stamp" "$cache/stamp"
-fi
-
-t0=$(date +%s)
-if [ "$(cat "$cache/base-stamp" 2>/dev/null)" != "$base_key" ] || [ ! -d "$cache/base-root" ]; then
-    rm -f "$cache/stamp" "$cache/base-stamp"
-    build_base
-    echo "$base_key" >"$cache/base-stamp"
-    log "base built in $(($(date +%s) - t0)) s"
-else
-    log "base up to date"
-fi
-
-if [ "$(cat "$cache/stamp" 2>/dev/null)" = "$image_key" ] \
-    && [ -f "$cache/base.qcow2" ] && [ -f "$cache/vmlinuz" ] && [ -f "$cache/initrd.img" ] \
-    && [ -f "$cache/manifest" ]; then
-    log "image up to date"
-    cat "$cache/manifest"
-    exit 0
-fi
-
-# --- stage 2: configuration and image -----------------------------------------
-rm -rf "$work"
-mkdir -p "$work"
-root=$work/root
-log "copying the base tree"
-cp -a "$cache/base-root" "$root"
-
-w() {  # w PATH MODE: stdin -> $root/PATH
-    mkdir -p "$(dirname "$root/$1")"
-    cat >"$root/$1"
-    chmod "$2" "$root/$1"
-}
+image_inputs="ca_store=$ca_store"
+# shellcheck source=guests/debian/common.sh
+. "$(dirname "$script")/common.sh"
+prepare_image
 
 echo debian | w etc/hostname 0644
 w etc/hosts 0644 <<'EOF'
@@ -377,47 +270,4 @@ EOF
 # Enable our units (offline: systemctl --root only creates the links).
 systemctl --root="$root" enable qvm-https.path qvm-report.service >&2
 
-# --- pack ---------------------------------------------------------------------
-kernel=$(find "$root/boot" -name 'vmlinuz-*' | sort | tail -n1)
-[ -n "$kernel" ] || die "no kernel in the image's /boot"
-kver=${kernel##*/vmlinuz-}
-[ -f "$root/boot/initrd.img-$kver" ] || die "no initrd.img-$kver in the image's /boot"
-cp "$kernel" "$work/vmlinuz"
-cp "$root/boot/initrd.img-$kver" "$work/initrd.img"
-chmod 0644 "$work/vmlinuz" "$work/initrd.img"
-
-# shellcheck disable=SC2016  # dpkg-query's format, not a shell expansion
-pkgver() { in_root "$root" dpkg-query -W -f '${Version}' "$1" 2>/dev/null || echo -; }
-versions="cloud-init=$(pkgver cloud-init) nginx-light=$(pkgver nginx-light)"
-versions="$versions nfs-common=$(pkgver nfs-common) systemd=$(pkgver systemd)"
-{
-    echo "debian_version=$(cat "$root/etc/debian_version")"
-    echo "kernel_version=$kver"
-    echo "packages=$versions"
-    echo "built=$(date -u +%Y-%m-%dT%H:%M:%SZ)"
-} >"$root/etc/qvm-debian-release"
-
-log "mkfs.ext4 -d ($image_size, sparse)"
-mkfs.ext4 -q -F -L qvm-root -d "$root" "$work/root.raw" "$image_size" >&2
-log "qemu-img convert -> qcow2"
-qemu-img convert -f raw -O qcow2 "$work/root.raw" "$work/base.qcow2"
-chmod 0644 "$work/base.qcow2"
-
-mv -f "$work/base.qcow2" "$cache/base.qcow2"
-mv -f "$work/vmlinuz" "$cache/vmlinuz"
-mv -f "$work/initrd.img" "$cache/initrd.img"
-{
-    echo "image=$cache/base.qcow2"
-    echo "kernel=$cache/vmlinuz"
-    echo "initrd=$cache/initrd.img"
-    echo "kernel_version=$kver"
-    echo "append=root=/dev/vda rw console=ttyS0"
-    echo "debian_version=$(cat "$root/etc/debian_version")"
-    echo "packages=$versions"
-} >"$cache/manifest"
-# The stamp is written last: an interrupted build is redone next time.
-echo "$image_key" >"$cache/stamp"
-chmod 0755 "$cache"
-log "built in $cache in $(($(date +%s) - t0)) s" \
-    "($(du -h --apparent-size "$cache/base.qcow2" | cut -f1) qcow2, kernel $kver)"
-cat "$cache/manifest"
+pack_image cloud-init nginx-light nfs-common systemd
