@@ -36,6 +36,7 @@ packages=(
     nftables dnsmasq-base polkitd libpam-systemd
     nfs-ganesha nfs-ganesha-vfs
     bind9-dnsutils make
+    firewalld
 )
 
 builder=debian-host-build
@@ -63,6 +64,9 @@ echo LANG=C.UTF-8 | w etc/default/locale 0644
 # Disabled, not masked: the binaries and units stay as Debian ships them.
 systemctl --root="$root" disable nfs-ganesha.service nfs-ganesha-lock.service \
     rpcbind.service rpcbind.socket >&2
+# firewalld is started by the test, while qvmd runs (a host where firewalld
+# appears or reloads later is the case qvmd must handle).
+systemctl --root="$root" disable firewalld.service >&2
 # Nor anything that only costs boot time under TCG.
 systemctl --root="$root" disable apt-daily.timer apt-daily-upgrade.timer \
     dpkg-db-backup.timer e2scrub_all.timer fstrim.timer >&2

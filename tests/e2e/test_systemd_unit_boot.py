@@ -76,7 +76,9 @@ PHASE1 = (
 )  # fmt: skip
 PHASE2 = (
     "start", "enabled", "boot-active", "boot-ready", "bridge-up", "tap-restored",
-    "tap-list", "dig-at-boot", "nft-at-boot", "boot-no-denials",
+    "tap-list", "dig-at-boot", "nft-at-boot", "firewalld-start", "firewalld-bound",
+    "firewalld-reload", "firewalld-rebound", "firewalld-tables", "firewalld-dig",
+    "firewalld-stop", "boot-no-denials",
 )  # fmt: skip
 
 
