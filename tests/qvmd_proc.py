@@ -139,7 +139,10 @@ def qvmd_sandbox(
     try:
         yield q
     finally:
-        q.close()  # first: a daemon still running could write into its state dir again
-        shutil.rmtree(q.state_dir.parent, ignore_errors=True)
+        # The daemon and then whatever still runs in its namespaces (a
+        # ganesha started just before a kill -9 writes its pid file into the
+        # state dir) go first; the state dir last.
+        q.close()
         delete_netns(q.services_netns)
         delete_netns(ns)
+        shutil.rmtree(q.state_dir.parent, ignore_errors=True)
