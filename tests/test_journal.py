@@ -29,6 +29,7 @@ from typing import Any
 import pytest
 
 from tests import busenv
+from tests.mountpoint import mountpoint
 from tests.qvmd_proc import Qvmd, qvmd_sandbox
 
 pytestmark = pytest.mark.root
@@ -112,12 +113,14 @@ class Journal:
 def journal() -> Iterator[Journal]:
     if not JOURNALD.exists():
         pytest.fail(f"{JOURNALD} missing: the systemd package is a test dependency")
-    j = Journal()
-    try:
-        j.start()
-        yield j
-    finally:
-        j.close()
+    # Both namespaces mount over these (journald: /etc/systemd; qvmd: /run/systemd).
+    with mountpoint(Path("/run/systemd")), mountpoint(Path("/etc/systemd")):
+        j = Journal()
+        try:
+            j.start()
+            yield j
+        finally:
+            j.close()
 
 
 @pytest.fixture

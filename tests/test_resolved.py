@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 
 from tests import busenv, resolvedenv
+from tests.mountpoint import mountpoint
 from tests.netns import netns, nsrun
 from tests.qvmd_proc import Qvmd, qvmd_sandbox
 
@@ -33,6 +34,13 @@ def resolved_root() -> Path:
     if isinstance(got, str):
         pytest.skip(got)
     return got
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _mountpoints() -> Iterator[None]:
+    # resolved's private mount namespace mounts over both.
+    with mountpoint(Path("/run/systemd")), mountpoint(Path("/etc/systemd")):
+        yield
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,4 @@
-"""Python values <-> D-Bus variants for our a{sv} arguments and results."""
+"""Python values -> D-Bus variants for our results; checking a{sv} options."""
 
 from __future__ import annotations
 
@@ -40,17 +40,6 @@ def to_variant(value: Any) -> Variant:
 
 def to_vardict(values: Mapping[str, Any]) -> dict[str, Variant]:
     return {str(k): to_variant(v) for k, v in values.items()}
-
-
-def from_variant(value: Any) -> Any:
-    """Unwrap variants recursively (for clients printing results)."""
-    if isinstance(value, Variant):
-        return from_variant(value.value)
-    if isinstance(value, dict):
-        return {k: from_variant(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [from_variant(v) for v in value]
-    return value
 
 
 MAX_OPTIONS = 16
